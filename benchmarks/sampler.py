@@ -1,0 +1,219 @@
+"""Sampler throughput: lad_jax generate vs transformers generate (torch CPU) on the same random checkpoints.
+
+    python benchmarks/sampler.py                      # tiny + small, greedy + temperature 1, prints one JSON object
+    python benchmarks/sampler.py --models small --repeats 5
+
+Workload (issue 4): 16 prompts x 64 tokens, exactly 128 new tokens (no stop tokens), greedy and temperature 1 over
+the full vocabulary; fp32 Qwen2-style checkpoints "tiny" and "small" with random weights, written once with
+transformers `save_pretrained` and loaded by both systems.
+
+Reported per model: tokens/s (new tokens / wall time, median of `--repeats` steady-state calls) for both systems and
+their ratio; lad_jax compile time (first call minus a steady call); the decode step's share of the attainable matmul
+throughput: a jitted `fori_loop` of the decode step's weight matmuls (same shapes, 16 rows) timed in the same run gives
+the attainable FLOP/s, the decode step's FLOP/s counts the same weight-matmul FLOPs per generated token step
+(attention, norms and sampling are extra work the step does for free in this accounting, so the fraction is
+conservative); and the grouped case (2 prompts x G=8) with the prompt prefilled once vs once per copy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+MODELS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=256, tie_word_embeddings=False),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                  intermediate_size=1536, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def make_checkpoint(kind: str, directory: str):
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2Config(**MODELS[kind], max_position_embeddings=4096, use_sliding_window=False,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None, dtype="float32")
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times
+
+
+def bench_hf(model, prompts, new_tokens, repeats, do_sample):
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    attn = torch.ones_like(ids)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
+    kw.update(dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False))
+
+    def run():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, **kw)
+        assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
+
+    run()  # warm-up
+    med, times = timed(run, repeats)
+    return {"tokens_per_s": len(prompts) * new_tokens / med, "seconds": med, "all_seconds": times}
+
+
+def bench_lad(model, prompts, new_tokens, repeats, temperature, **kw):
+    import jax
+
+    from lad_jax.sampler import generate
+
+    seeds = iter(range(10_000))
+
+    def run():
+        out = generate(model, prompts, max_new_tokens=new_tokens, temperature=temperature, seed=next(seeds), **kw)
+        jax.block_until_ready(out.tokens_bt)
+        return out
+
+    t = time.perf_counter()
+    out = run()
+    first = time.perf_counter() - t
+    assert int(np.asarray(out.lengths_b).min()) == new_tokens
+    med, times = timed(run, repeats)
+    rows = len(prompts) * kw.get("num_samples", 1)
+    return {"tokens_per_s": rows * new_tokens / med, "seconds": med, "all_seconds": times,
+            "compile_s": max(0.0, first - med)}
+
+
+def weight_matmul_flops(cfg, rows):
+    d, h, k, x, f, v, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                           cfg.vocab_size, cfg.num_layers)
+    per_layer = d * h * x + 2 * d * k * x + h * x * d + 3 * d * f
+    return 2 * rows * (L * per_layer + d * v)
+
+
+def matmul_chain_seconds(cfg, rows, steps, repeats):
+    """Seconds per iteration of a jitted fori_loop over the decode step's weight matmuls (same shapes)."""
+    import jax
+    import jax.numpy as jnp
+
+    d, h, k, x, f, v, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
+                           cfg.vocab_size, cfg.num_layers)
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    w = lambda *s: 0.02 * jax.random.normal(next(keys), s, jnp.float32)  # noqa: E731
+    ws = {"q": w(L, d, h * x), "k": w(L, d, k * x), "v": w(L, d, k * x), "o": w(L, h * x, d), "g": w(L, d, f),
+          "u": w(L, d, f), "dn": w(L, f, d), "head": w(d, v)}
+
+    @jax.jit
+    def chain(x0, ws):
+        def layer(xx, p):
+            q = xx @ p["q"]
+            kv = jnp.sum(xx @ p["k"]) + jnp.sum(xx @ p["v"])
+            xx = xx + q @ p["o"] + kv
+            return xx + ((xx @ p["g"]) * (xx @ p["u"])) @ p["dn"], None
+
+        def step(i, xx):
+            per = {n: a for n, a in ws.items() if n != "head"}
+            xx, _ = jax.lax.scan(layer, xx, per)
+            logits = xx @ ws["head"]
+            return jnp.tanh(xx + 1e-3 * logits[:, :d])
+
+        return jax.lax.fori_loop(0, steps, step, x0)
+
+    x0 = jnp.ones((rows, d), jnp.float32)
+    jax.block_until_ready(chain(x0, ws))
+    med, _ = timed(lambda: jax.block_until_ready(chain(x0, ws)), repeats)
+    return med / steps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,small")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf-repeats", type=int, default=2)
+    ap.add_argument("--group-prompts", type=int, default=2)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args(argv)
+
+    import jax
+    import torch
+
+    from lad_jax.models import from_pretrained
+
+    torch.set_num_threads(os.cpu_count())
+    rng = np.random.default_rng(0)
+    result = {
+        "workload": {"prompts": args.prompts, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "dtype": "float32", "stop_tokens": None},
+        "machine": {"cpus": os.cpu_count(), "jax_backend": jax.default_backend(), "torch_threads":
+                    torch.get_num_threads(), "load_avg_start": os.getloadavg()},
+        "models": {},
+    }
+    for kind in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf = make_checkpoint(kind, tmp)
+            model = from_pretrained(tmp)
+        cfg = model.config
+        # token 0 is the pad id; keep prompts free of it so no row is padded
+        prompts = rng.integers(1, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
+        r: dict = {"config": MODELS[kind]}
+        for mode, temp in (("greedy", 0.0), ("sampled_t1", 1.0)):
+            lad = bench_lad(model, prompts, args.new_tokens, args.repeats, temp)
+            entry = {"lad_jax": lad}
+            if not args.skip_hf:
+                hfr = bench_hf(hf, prompts, args.new_tokens, args.hf_repeats, do_sample=temp > 0)
+                entry["transformers"] = hfr
+                entry["ratio"] = lad["tokens_per_s"] / hfr["tokens_per_s"]
+            r[mode] = entry
+
+        # decode step time: full generate minus a prefill-plus-first-token generate, per remaining step
+        one = bench_lad(model, prompts, 1, args.repeats, 0.0)
+        step_s = (r["greedy"]["lad_jax"]["seconds"] - one["seconds"]) / (args.new_tokens - 1)
+        chain_s = matmul_chain_seconds(cfg, args.prompts, args.new_tokens - 1, args.repeats)
+        flops = weight_matmul_flops(cfg, args.prompts)
+        r["decode_step"] = {
+            "prefill_plus_first_token_s": one["seconds"],
+            "step_ms": 1e3 * step_s,
+            "weight_matmul_gflop_per_step": flops / 1e9,
+            "achieved_gflops": flops / step_s / 1e9,
+            "matmul_chain_step_ms": 1e3 * chain_s,
+            "attainable_gflops": flops / chain_s / 1e9,
+            "fraction_of_attainable": chain_s / step_s,
+        }
+
+        # grouped: P prompts x G samples, prompt prefilled once (shared) vs once per copy
+        gp = prompts[: args.group_prompts]
+        group = {"prompts": args.group_prompts, "G": args.group_size}
+        for share in (True, False):
+            name = "prefill_once" if share else "prefill_every_copy"
+            pre = bench_lad(model, gp, 1, args.repeats, 1.0, num_samples=args.group_size, share_prefix=share)
+            full = bench_lad(model, gp, args.new_tokens, args.repeats, 1.0, num_samples=args.group_size,
+                             share_prefix=share)
+            group[name] = {"prefill_plus_first_token_s": pre["seconds"], "generate_s": full["seconds"],
+                           "tokens_per_s": full["tokens_per_s"]}
+        group["prefill_speedup"] = (group["prefill_every_copy"]["prefill_plus_first_token_s"]
+                                    / group["prefill_once"]["prefill_plus_first_token_s"])
+        group["generate_speedup"] = group["prefill_every_copy"]["generate_s"] / group["prefill_once"]["generate_s"]
+        r["grouped"] = group
+        result["models"][kind] = r
+    result["machine"]["load_avg_end"] = os.getloadavg()
+    json.dump(result, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Evaluation metrics: pass@k, avg@k, the distinct-n-gram diversity ratio, and a per-run summary.
+
+Definitions (for one prompt with n sampled responses of which c are correct; a response is correct when its
+reward >= `correct_threshold`):
+  * pass@k: the unbiased estimator of Chen et al. (2021, "Codex"): 1 - C(n - c, k) / C(n, k), i.e. the probability
+    that at least one of k responses drawn without replacement from the n is correct; averaged over prompts.
+  * avg@k: the mean accuracy c / k over k responses, averaged over prompts (avg@n with all n responses; it equals
+    pass@1's estimate).
+  * distinct-n ratio (the paper's diversity metric): for one prompt, the n-grams of every response are pooled
+    (n-grams never span two responses); ratio = number of distinct n-grams / total number of n-grams. Texts are split
+    on whitespace into words, token-id sequences are used as they are. The reported value is the mean over prompts;
+    prompts whose responses are all shorter than n have no n-grams and are left out of the mean (NaN if no prompt
+    has any).
+  * distinct correct per prompt: the number of different correct responses (exact match after stripping
+    surrounding whitespace for texts), averaged over prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k for one prompt: 1 - C(n - c, k) / C(n, k), computed as a stable product."""
+    n, c = int(num_samples), int(num_correct)
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= num_samples, got k={k}, num_samples={n}")
+    if not 0 <= c <= n:
+        raise ValueError(f"num_correct={c} must be in [0, num_samples={n}]")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def _correct_pg(rewards_pg: Any, correct_threshold: float) -> np.ndarray:
+    rewards = np.asarray(rewards_pg, dtype=np.float64)
+    if rewards.ndim != 2 or rewards.shape[1] == 0:
+        raise ValueError(f"rewards_pg must be [num_prompts, num_samples], got shape {rewards.shape}")
+    return rewards >= correct_threshold
+
+
+def mean_pass_at_k(correct_pg: Any, k: int) -> float:
+    """pass@k averaged over prompts, from a boolean [prompts, samples] correctness array."""
+    correct = np.asarray(correct_pg, dtype=bool)
+    n = correct.shape[1]
+    return float(np.mean([pass_at_k(n, int(c), k) for c in correct.sum(axis=1)]))
+
+
+def avg_at_k(correct_pg: Any, k: int | None = None) -> float:
+    """Mean accuracy over the first k samples of each prompt (all samples when k is None), averaged over prompts."""
+    correct = np.asarray(correct_pg, dtype=np.float64)
+    k = correct.shape[1] if k is None else int(k)
+    if not 0 < k <= correct.shape[1]:
+        raise ValueError(f"avg@k needs 0 < k <= num_samples={correct.shape[1]}, got k={k}")
+    return float(correct[:, :k].mean())
+
+
+def _units(response: Any) -> tuple:
+    if isinstance(response, str):
+        return tuple(response.split())
+    return tuple(int(t) for t in np.asarray(response).reshape(-1))
+
+
+def prompt_distinct_ngram_ratio(responses: Sequence[Any], n: int = 4) -> float | None:
+    """Distinct / total n-grams pooled over one prompt's responses; None when there are no n-grams."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    distinct, total = set(), 0
+    for response in responses:
+        units = _units(response)
+        grams = [units[i : i + n] for i in range(len(units) - n + 1)]
+        total += len(grams)
+        distinct.update(grams)
+    return len(distinct) / total if total else None
+
+
+def distinct_ngram_ratio(responses_per_prompt: Sequence[Sequence[Any]], n: int = 4) -> float:
+    """The paper's diversity metric: `prompt_distinct_ngram_ratio` averaged over prompts (see module doc)."""
+    ratios = [r for r in (prompt_distinct_ngram_ratio(group, n) for group in responses_per_prompt) if r is not None]
+    return float(np.mean(ratios)) if ratios else math.nan
+
+
+def distinct_correct_per_prompt(correct_pg: Any, responses_per_prompt: Sequence[Sequence[Any]]) -> float:
+    """Number of different correct responses per prompt, averaged over prompts."""
+    counts = []
+    for correct, group in zip(np.asarray(correct_pg, dtype=bool), responses_per_prompt):
+        keys = {r.strip() if isinstance(r, str) else _units(r) for r, ok in zip(group, correct) if ok}
+        counts.append(len(keys))
+    return float(np.mean(counts))
+
+
+def summarize(
+    rewards_pg: Any,
+    responses_per_prompt: Sequence[Sequence[Any]],
+    *,
+    ks: Sequence[int] | None = None,
+    ngram: int = 4,
+    correct_threshold: float = 1.0,
+) -> dict[str, float]:
+    """pass@k for each k in `ks` (default (1, G)), avg@G, mean reward and diversity for a [P, G] rollout."""
+    correct = _correct_pg(rewards_pg, correct_threshold)
+    num_prompts, num_samples = correct.shape
+    if len(responses_per_prompt) != num_prompts or any(len(g) != num_samples for g in responses_per_prompt):
+        raise ValueError(
+            f"responses_per_prompt must hold {num_prompts} groups of {num_samples} responses to match rewards_pg"
+        )
+    ks = (1, num_samples) if ks is None else tuple(ks)
+    out: dict[str, float] = {"num_prompts": float(num_prompts), "num_samples": float(num_samples)}
+    for k in dict.fromkeys(ks):
+        out[f"pass@{k}"] = mean_pass_at_k(correct, k)
+    out[f"avg@{num_samples}"] = avg_at_k(correct)
+    out["mean_reward"] = float(np.mean(np.asarray(rewards_pg, dtype=np.float64)))
+    out[f"distinct_{ngram}gram_ratio"] = distinct_ngram_ratio(responses_per_prompt, ngram)
+    out["distinct_correct_per_prompt"] = distinct_correct_per_prompt(correct, responses_per_prompt)
+    return out
+
+
+def _rewards_from(result: Any, expected: int) -> np.ndarray:
+    """Accepts a reward function's `rewards` or `(rewards, metrics)` return value."""
+    rewards = result[0] if isinstance(result, tuple) else result
+    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
+    if rewards.shape[0] != expected:
+        raise ValueError(f"reward function returned {rewards.shape[0]} rewards for {expected} completions")
+    return rewards
+
+
+def evaluate_policy(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    reward_fn: Any,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    use_chat_template: bool = False,
+    system_prompt: str | None = None,
+    prompts_per_batch: int = 32,
+    stop_token_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    ks: Sequence[int] | None = None,
+    ngram: int = 4,
+    correct_threshold: float = 1.0,
+    mesh: Any = None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Samples `num_samples` responses per row with `lad_jax.sampler.generate`, scores them, summarizes.
+
+    `rows` are `load_rows` dicts ({"prompt", "answer", ...}); `reward_fn(completions, rows)` returns rewards (or
+    `(rewards, metrics)`) for decoded completions, one row per completion. Prompts are processed in chunks of
+    `prompts_per_batch` (the last chunk is padded with repeats so every chunk has one compiled shape). Stop tokens
+    default to the tokenizer's EOS. Diversity is computed on the decoded texts (whitespace words).
+    Returns (summary from `summarize` plus response length stats, per-prompt samples for inspection).
+    """
+    import jax
+
+    from lad_jax.data import tokenize_prompts
+    from lad_jax.sampler import generate
+
+    if not rows:
+        raise ValueError("evaluate_policy: no evaluation rows")
+    if stop_token_ids is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        stop_token_ids = () if eos is None else (int(eos),)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        pad_id = 0 if pad_id is None else int(pad_id)
+    texts, ids = tokenize_prompts(rows, tokenizer, use_chat_template=use_chat_template, system_prompt=system_prompt)
+    rewards_pg, responses_pg, samples = [], [], []
+    lengths, clipped = [], []
+    base_key = jax.random.key(int(seed))
+    for chunk, start in enumerate(range(0, len(rows), prompts_per_batch)):
+        chunk_rows = list(rows[start : start + prompts_per_batch])
+        chunk_ids = ids[start : start + prompts_per_batch]
+        real = len(chunk_ids)
+        chunk_ids = chunk_ids + [chunk_ids[0]] * (min(prompts_per_batch, len(rows)) - real)
+        out = generate(
+            model, chunk_ids, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+            top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids, seed=jax.random.fold_in(base_key, chunk),
+            pad_id=pad_id, mesh=mesh,
+        )
+        tokens = out.responses()[: real * num_samples]
+        completions = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        row_per_completion = [r for r in chunk_rows for _ in range(num_samples)]
+        rewards = _rewards_from(reward_fn(completions, row_per_completion), len(completions))
+        lengths.extend(len(t) for t in tokens)
+        clipped.extend(~np.asarray(out.stopped_b)[: real * num_samples])
+        for p, row in enumerate(chunk_rows):
+            group = slice(p * num_samples, (p + 1) * num_samples)
+            rewards_pg.append(rewards[group])
+            responses_pg.append(completions[group])
+            samples.append({
+                "prompt": texts[start + p],
+                "answer": row.get("answer"),
+                "responses": completions[group],
+                "rewards": rewards[group].tolist(),
+            })
+    summary = summarize(np.stack(rewards_pg), responses_pg, ks=ks, ngram=ngram, correct_threshold=correct_threshold)
+    summary["response_length_mean"] = float(np.mean(lengths))
+    summary["response_length_max"] = float(np.max(lengths))
+    summary["clip_fraction"] = float(np.mean(clipped))
+    return summary, samples

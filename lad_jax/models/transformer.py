@@ -1,0 +1,238 @@
+"""Decoder-only transformer (Qwen2/2.5, Qwen3 dense, Llama 3) in Flax NNX.
+
+Layer weights are stacked on a leading `layers` axis and the forward runs `lax.scan` over them, so compile time
+does not grow with depth and the stacked KV cache `[l, b, s, k, x]` is updated in place.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lad_jax.models.config import ModelConfig, rope_inv_freq
+from lad_jax.sharding import constrain
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, names) -> nnx.Param:
+    value = init(rngs.params() if rngs is not None else None, shape, dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def _normal(key, shape, dtype):
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+def _ones(key, shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+# name -> (shape given config, logical axes, initializer); the stacked per-layer parameters.
+def block_param_specs(c: ModelConfig) -> dict:
+    L, D, H, K, X, F = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    specs = {
+        "attn_norm": ((L, D), ("layers", "norm"), _ones),
+        "wq": ((L, D, H, X), ("layers", "embed", "heads", "head_dim"), _normal),
+        "wk": ((L, D, K, X), ("layers", "embed", "kv_heads", "head_dim"), _normal),
+        "wv": ((L, D, K, X), ("layers", "embed", "kv_heads", "head_dim"), _normal),
+        "wo": ((L, H, X, D), ("layers", "heads", "head_dim", "embed"), _normal),
+        "mlp_norm": ((L, D), ("layers", "norm"), _ones),
+        "w_gate": ((L, D, F), ("layers", "embed", "mlp"), _normal),
+        "w_up": ((L, D, F), ("layers", "embed", "mlp"), _normal),
+        "w_down": ((L, F, D), ("layers", "mlp", "embed"), _normal),
+    }
+    if c.qkv_bias:
+        specs["bq"] = ((L, H, X), ("layers", "heads", "head_dim"), _zeros)
+        specs["bk"] = ((L, K, X), ("layers", "kv_heads", "head_dim"), _zeros)
+        specs["bv"] = ((L, K, X), ("layers", "kv_heads", "head_dim"), _zeros)
+    if c.o_bias:
+        specs["bo"] = ((L, D), ("layers", "norm"), _zeros)
+    if c.qk_norm:
+        specs["q_norm"] = ((L, X), ("layers", "head_dim"), _ones)
+        specs["k_norm"] = ((L, X), ("layers", "head_dim"), _ones)
+    return specs
+
+
+def top_param_specs(c: ModelConfig) -> dict:
+    specs = {
+        "embed": ((c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal),
+        "final_norm": ((c.hidden_size,), ("norm",), _ones),
+    }
+    if not c.tie_word_embeddings:
+        specs["lm_head"] = ((c.hidden_size, c.vocab_size), ("embed", "vocab"), _normal)
+    return specs
+
+
+class Blocks(nnx.Module):
+    """All decoder layers' weights, stacked on axis 0."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        for name, (shape, names, init) in block_param_specs(config).items():
+            setattr(self, name, _param(rngs, init, shape, config.jnp_param_dtype, names))
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_tables(config: ModelConfig, positions_bt):
+    """cos, sin `[b, t, x]` in float32 for the half-rotation layout used by HF Qwen2/Llama."""
+    freqs = positions_bt.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthx, cos_btx, sin_btx):
+    half = x_bthx.shape[-1] // 2
+    x = x_bthx.astype(jnp.float32)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x * cos_btx[:, :, None, :] + rotated * sin_btx[:, :, None, :]
+    return out.astype(x_bthx.dtype)
+
+
+def attention(q_bthx, k_bskx, v_bskx, mask_bts):
+    """Grouped-query attention without repeating K/V; scores and softmax in float32."""
+    b, t, h, x = q_bthx.shape
+    kh = k_bskx.shape[2]
+    q = q_bthx.reshape(b, t, kh, h // kh, x)
+    scores = jnp.einsum("btkgx,bskx->bkgts", q, k_bskx, preferred_element_type=jnp.float32)
+    scores = scores * (x ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskx.dtype)
+    out = jnp.einsum("bkgts,bskx->btkgx", probs, v_bskx)
+    return out.reshape(b, t, h, x)
+
+
+def project(hidden_btd, w, tied: bool, dtype):
+    """Output projection with float32 accumulation and result."""
+    h = hidden_btd.astype(dtype)
+    eq = "btd,vd->btv" if tied else "btd,dv->btv"
+    out = jnp.einsum(eq, h, w.astype(dtype), preferred_element_type=jnp.float32)
+    return constrain(out, ("batch", "sequence", "act_vocab"))
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        for name, (shape, names, init) in top_param_specs(config).items():
+            setattr(self, name, _param(rngs, init, shape, config.jnp_param_dtype, names))
+        self.blocks = Blocks(config, rngs=rngs)
+
+    def __call__(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None):
+        hidden_btd, new_cache = self.hidden(tokens_bt, positions_bt, cache=cache, mask_bts=mask_bts)
+        return self.logits(hidden_btd), new_cache
+
+    def head_weight(self):
+        """(output-projection weight, tied): `[v, d]` embedding if tied, else `[d, v]` lm_head."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...], True
+        return self.lm_head[...], False
+
+    def logits(self, hidden_btd):
+        """Final-normed hidden states -> float32 logits."""
+        w, tied = self.head_weight()
+        return project(hidden_btd, w, tied, self.config.jnp_dtype)
+
+    def hidden(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None):
+        """Embed and run all layers; returns (final-normed hidden `[b, t, d]` in compute dtype, new cache)."""
+        c = self.config
+        dt = c.jnp_dtype
+        b, t = tokens_bt.shape
+        if mask_bts is None:
+            if cache is None:
+                mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+            else:
+                s = cache["k"].shape[2]
+                q_slot = cache["index"] + jnp.arange(t)
+                mask_bts = jnp.broadcast_to(jnp.arange(s)[None, :] <= q_slot[:, None], (b, t, s))
+        x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
+        x = constrain(x, ("batch", "sequence", "act_embed"))
+        cos, sin = rope_tables(c, positions_bt)
+        params = {name: getattr(self.blocks, name)[...] for name in block_param_specs(c)}
+
+        def layer(x, p, kv):
+            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+            q = jnp.einsum("btd,dhx->bthx", h, p["wq"].astype(dt))
+            k = jnp.einsum("btd,dkx->btkx", h, p["wk"].astype(dt))
+            v = jnp.einsum("btd,dkx->btkx", h, p["wv"].astype(dt))
+            if c.qkv_bias:
+                q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+            if c.qk_norm:
+                q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+                k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = constrain(q, ("batch", "sequence", "act_heads", "head_dim"))
+            k_all, v_all, new_kv = k, v, None
+            if kv is not None:
+                k_cache, v_cache, index, l = kv
+                start = (l, 0, index, 0, 0)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+                k_all = jax.lax.dynamic_index_in_dim(k_cache, l, 0, keepdims=False).astype(dt)
+                v_all = jax.lax.dynamic_index_in_dim(v_cache, l, 0, keepdims=False).astype(dt)
+                new_kv = (k_cache, v_cache)
+            o = attention(q, k_all, v_all, mask_bts)
+            o = jnp.einsum("bthx,hxd->btd", o, p["wo"].astype(dt))
+            if c.o_bias:
+                o = o + p["bo"].astype(dt)
+            x = constrain(x + o, ("batch", "sequence", "act_embed"))
+            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+            gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+            up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+            act = constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp"))
+            x = x + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
+            return constrain(x, ("batch", "sequence", "act_embed")), new_kv
+
+        if c.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[c.remat], prevent_cse=False)
+
+        if cache is None:
+            def body(x, p):
+                return layer(x, p, None)[0], None
+
+            x, _ = jax.lax.scan(body, x, params)
+            new_cache = None
+        else:
+            index = cache["index"]
+
+            def body(carry, xs):
+                x, k_cache, v_cache = carry
+                p, l = xs
+                x, (k_cache, v_cache) = layer(x, p, (k_cache, v_cache, index, l))
+                return (x, k_cache, v_cache), None
+
+            (x, k_cache, v_cache), _ = jax.lax.scan(
+                body, (x, cache["k"], cache["v"]), (params, jnp.arange(c.num_layers, dtype=jnp.int32)))
+            new_cache = {"k": k_cache, "v": v_cache, "index": (index + t).astype(jnp.int32)}
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        return x, new_cache
+
+
+def create_model(config: ModelConfig, *, seed: int = 0, mesh=None) -> Transformer:
+    """Random-init model; with a mesh, params are created already sharded (eval_shape -> jit(out_shardings))."""
+    if mesh is None:
+        return Transformer(config, rngs=nnx.Rngs(seed))
+    from lad_jax.sharding import state_shardings
+
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = state_shardings(abs_state, mesh)
+
+    def init():
+        return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,308 @@
+"""Grouped generation: a jitted prefill per prompt, then one jitted `lax.while_loop` decode over all samples.
+
+Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G rows:
+1. Prompts are left-padded to a bucketed length `Lp` (a power of two >= `min_prompt_bucket`), so a new prompt length
+   reuses the compiled functions. Padding is masked out of attention; positions count real tokens only.
+2. `_prefill` (jitted) runs the model once over the P prompts into a KV cache of length `Lp + max_new_tokens`, then
+   repeats the cache and the last-position logits G times along the batch axis (prefix sharing: the prompt is
+   prefilled once, not G times). Row `p * G + g` is sample g of prompt p.
+3. `_decode` (jitted, cache donated so the `while_loop` updates it in place) draws the first token from the prefill
+   logits and then runs one model step per token until every row has emitted a stop token or the budget is spent.
+   Nothing returns to the host until the loop ends.
+
+RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is None); row r uses
+`fold_in(key, r)` and step i of that row `fold_in(row_key, i)`, so rows and calls never share noise.
+
+Compiled functions are cached by jax per static signature (model graph, rows, `Lp`, `max_new_tokens`, G, sampling
+mode, number of stop ids); temperature / top-k / top-p values and the seed are traced and never recompile.
+`compile_counts()` reports how many times each function was traced (each trace is one compilation).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import secrets
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+
+from lad_jax.models.cache import CACHE_LOGICAL_AXES, init_cache
+from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens
+from lad_jax.sharding import constrain, spec_for_shape
+
+_TRACES: collections.Counter = collections.Counter()
+_PREFILL_ROWS: collections.Counter = collections.Counter()
+
+
+def compile_counts() -> dict[str, int]:
+    """How many times `prefill` / `decode` were traced (= compiled) in this process."""
+    return dict(_TRACES)
+
+
+def prefill_rows() -> dict[str, int]:
+    """`calls`: prefill executions; `rows`: prompt rows the model ran over in them (P per call with prefix sharing)."""
+    return dict(_PREFILL_ROWS)
+
+
+@struct.dataclass
+class SampleOutput:
+    """Result of `generate`; row r = sample `r % G` of prompt `prompt_index_b[r]` (rows grouped by prompt)."""
+
+    tokens_bt: jax.Array  # int32 [B, T] response tokens, pad_id after the end
+    logprobs_bt: jax.Array  # float32 [B, T] behaviour log-probs (sampling.py convention), 0 after the end
+    lengths_b: jax.Array  # int32 [B] response length, including the stop token if any
+    stopped_b: jax.Array  # bool [B] True: ended with a stop token; False: ran out of max_new_tokens
+    prompt_index_b: jax.Array  # int32 [B] index into the `prompts` argument
+    prompt_tokens_bs: jax.Array  # int32 [B, Lp] the row's prompt, left-padded with pad_id
+    prompt_lengths_b: jax.Array  # int32 [B]
+    num_samples: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def mask_bt(self) -> jax.Array:
+        """True on real response tokens."""
+        return jnp.arange(self.tokens_bt.shape[1])[None, :] < self.lengths_b[:, None]
+
+    def finish_reasons(self) -> list[str]:
+        return ["stop" if s else "length" for s in np.asarray(self.stopped_b)]
+
+    def responses(self) -> list[list[int]]:
+        """Response token lists without padding (host copy)."""
+        toks, lens = np.asarray(self.tokens_bt), np.asarray(self.lengths_b)
+        return [toks[i, : lens[i]].tolist() for i in range(toks.shape[0])]
+
+
+@struct.dataclass
+class SamplerState:
+    """The decode loop's carry. `step` tokens have been written to `tokens_bt`; `last_b` is token `step - 1`."""
+
+    step: jax.Array  # int32[]
+    cache: dict
+    last_b: jax.Array  # int32 [B]
+    tokens_bt: jax.Array
+    logprobs_bt: jax.Array
+    lengths_b: jax.Array
+    done_b: jax.Array  # bool [B] stop token emitted
+    keys_b: jax.Array  # typed PRNG key per row
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_len, num_samples, cache_dtype):
+    _TRACES["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    p, lp = tokens_pl.shape
+    cache = init_cache(model.config, p, cache_len, cache_dtype)
+    cache = {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
+    slots = jnp.arange(cache_len)
+    causal_ts = slots[None, :] <= jnp.arange(lp)[:, None]
+    valid_ps = jnp.pad(valid_pl, ((0, 0), (0, cache_len - lp)))
+    mask_pts = causal_ts[None] & valid_ps[:, None, :]
+    hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask_bts=mask_pts)
+    # left padding puts every prompt's last token at the last position
+    logits_pv = model.logits(hidden_ptd[:, -1:])[:, 0]
+    if num_samples > 1:
+        cache = {
+            "k": jnp.repeat(cache["k"], num_samples, axis=1),
+            "v": jnp.repeat(cache["v"], num_samples, axis=1),
+            "index": cache["index"],
+        }
+        logits_pv = jnp.repeat(logits_pv, num_samples, axis=0)
+    cache = {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
+    return constrain(logits_pv, ("batch", "act_vocab")), cache
+
+
+_prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "cache_len", "num_samples", "cache_dtype"))
+
+
+def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_ids, params: SamplingParams,
+                 key, pad_id, *, mode: SamplingMode, max_new_tokens: int):
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    b, lp = valid_bl.shape
+    cache_len = cache["k"].shape[2]
+    keys_b = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.uint32))
+    valid_bs = jnp.pad(valid_bl, ((0, 0), (0, cache_len - lp)))
+    slots = jnp.arange(cache_len)
+
+    def emit(s: SamplerState, logits_bv) -> SamplerState:
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(s.keys_b)
+        tok_b, logp_b = sample_tokens(logits_bv, step_keys, params, mode)
+        live_b = ~s.done_b
+        tok_b = jnp.where(live_b, tok_b, pad_id)
+        logp_b = jnp.where(live_b, logp_b, 0.0)
+        stop_b = jnp.any(tok_b[:, None] == stop_ids[None, :], axis=-1) & live_b
+        return s.replace(
+            step=s.step + 1,
+            last_b=tok_b,
+            tokens_bt=jax.lax.dynamic_update_index_in_dim(s.tokens_bt, tok_b, s.step, axis=1),
+            logprobs_bt=jax.lax.dynamic_update_index_in_dim(s.logprobs_bt, logp_b, s.step, axis=1),
+            lengths_b=s.lengths_b + live_b.astype(jnp.int32),
+            done_b=s.done_b | stop_b,
+        )
+
+    def cond(s: SamplerState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done_b)
+
+    def body(s: SamplerState) -> SamplerState:
+        index = s.cache["index"]
+        mask_b1s = (valid_bs | ((slots >= lp) & (slots <= index))[None, :])[:, None, :]
+        pos_b1 = (positions_b + s.step - 1)[:, None]
+        logits_b1v, cache = model(s.last_b[:, None], pos_b1, cache=s.cache, mask_bts=mask_b1s)
+        return emit(s.replace(cache=cache), logits_b1v[:, 0])
+
+    init = SamplerState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        last_b=jnp.zeros((b,), jnp.int32),
+        tokens_bt=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        logprobs_bt=jnp.zeros((b, max_new_tokens), jnp.float32),
+        lengths_b=jnp.zeros((b,), jnp.int32),
+        done_b=jnp.zeros((b,), bool),
+        keys_b=keys_b,
+    )
+    s = jax.lax.while_loop(cond, body, emit(init, logits_bv))
+    return (s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b), s.cache
+
+
+_decode = jax.jit(
+    _decode_impl, static_argnames=("graphdef", "mode", "max_new_tokens"), donate_argnames=("cache",)
+)
+
+
+def _resolve_sampling(sampling, temperature, top_k, top_p) -> Sampling:
+    if sampling is not None:
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"generate: sampling must be a lad_jax.sampling.Sampling, got {type(sampling).__name__}")
+        if (temperature, top_k, top_p) != (None, None, None):
+            raise ValueError("generate: pass either sampling=Sampling(...) or temperature/top_k/top_p, not both")
+        return sampling
+    return Sampling(
+        temperature=1.0 if temperature is None else float(temperature),
+        top_k=0 if top_k is None else int(top_k),
+        top_p=1.0 if top_p is None else float(top_p),
+    )
+
+
+def _resolve_mesh(mesh):
+    if mesh is not None:
+        return mesh
+    mesh = jax.sharding.get_mesh()
+    if mesh is None or mesh.empty:
+        return None
+    return mesh
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    sampling: Sampling | None = None,
+    stop_token_ids: Sequence[int] = (),
+    seed=None,
+    pad_id: int = 0,
+    min_prompt_bucket: int = 16,
+    cache_dtype=None,
+    share_prefix: bool = True,
+    mesh=None,
+) -> SampleOutput:
+    """Sample `num_samples` responses for each prompt (a list of token ids). See the module docstring.
+
+    Sampling: `sampling=Sampling(...)` or temperature/top_k/top_p (default temperature 1, full vocabulary;
+    temperature=0 is greedy). `seed`: int or typed PRNG key; None draws fresh entropy. `share_prefix=False` prefills
+    every copy of a prompt separately (only for benchmarking the saving). `mesh`: a Mesh (default: the one set with
+    `jax.set_mesh`, if any); rows are sharded over its ('data', 'fsdp') axes, parameters keep their own shardings.
+    """
+    method = _resolve_sampling(sampling, temperature, top_k, top_p)
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate: prompts[{i}] is empty; every prompt needs at least one token")
+    if int(max_new_tokens) < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if int(num_samples) < 1:
+        raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    max_new_tokens, num_samples = int(max_new_tokens), int(num_samples)
+    config = model.config
+    vocab = config.vocab_size
+    for name, ids in (("prompts", [t for p in prompts for t in p]), ("stop_token_ids", list(stop_token_ids))):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"generate: {name} contains token ids outside [0, {vocab}): {bad[:5]}")
+    num_prompts = len(prompts)
+    lp = bucket_length(max(len(p) for p in prompts), min_prompt_bucket)
+    cache_len = lp + max_new_tokens
+    if cache_len > config.max_position_embeddings:
+        raise ValueError(
+            f"generate: bucketed prompt length {lp} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}; shorten prompts or max_new_tokens")
+
+    tokens_pl = np.full((num_prompts, lp), pad_id, np.int32)
+    valid_pl = np.zeros((num_prompts, lp), bool)
+    for i, p in enumerate(prompts):
+        tokens_pl[i, lp - len(p):] = p
+        valid_pl[i, lp - len(p):] = True
+    positions_pl = np.maximum(np.cumsum(valid_pl, axis=1) - 1, 0).astype(np.int32)
+    lengths_p = valid_pl.sum(axis=1).astype(np.int32)
+
+    rows = num_prompts * num_samples
+    rep = lambda a: np.repeat(a, num_samples, axis=0)  # noqa: E731
+    if share_prefix:
+        pre_inputs, pre_samples = (tokens_pl, positions_pl, valid_pl), num_samples
+    else:
+        pre_inputs, pre_samples = (rep(tokens_pl), rep(positions_pl), rep(valid_pl)), 1
+    stop_ids = np.asarray(list(stop_token_ids) or [-1], np.int32)
+
+    if seed is None:
+        key = jax.random.key(secrets.randbits(31))
+    elif isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        key = seed
+    else:
+        key = jax.random.key(int(seed))
+    graphdef, state = nnx.split(model)
+    mode = method.mode
+    dtype = config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+
+    mesh = _resolve_mesh(mesh)
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with ctx:
+        if mesh is not None:
+            def put(a):
+                names = ("batch",) + (None,) * (a.ndim - 1)
+                return jax.device_put(a, NamedSharding(mesh, spec_for_shape(names, a.shape, mesh)))
+        else:
+            put = jnp.asarray
+        pre_inputs = tuple(put(a) for a in pre_inputs)
+        _PREFILL_ROWS["calls"] += 1
+        _PREFILL_ROWS["rows"] += int(pre_inputs[0].shape[0])
+        logits_bv, cache = _prefill(
+            graphdef, state, *pre_inputs, cache_len=cache_len, num_samples=pre_samples, cache_dtype=dtype
+        )
+        (tokens_bt, logprobs_bt, lengths_b, stopped_b), _ = _decode(
+            graphdef, state, cache, logits_bv, put(rep(valid_pl)), put(rep(lengths_p)),
+            jnp.asarray(stop_ids), method.params(), key, jnp.asarray(pad_id, jnp.int32),
+            mode=mode, max_new_tokens=max_new_tokens,
+        )
+    return SampleOutput(
+        tokens_bt=tokens_bt,
+        logprobs_bt=logprobs_bt,
+        lengths_b=lengths_b,
+        stopped_b=stopped_b,
+        prompt_index_b=jnp.asarray(np.repeat(np.arange(num_prompts, dtype=np.int32), num_samples)),
+        prompt_tokens_bs=jnp.asarray(rep(tokens_pl)),
+        prompt_lengths_b=jnp.asarray(rep(lengths_p)),
+        num_samples=num_samples,
+    )

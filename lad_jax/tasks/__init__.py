@@ -1,0 +1,1 @@
+"""Built-in experiment tasks (data generation, tokenizer, reward, supervised warm-start)."""

@@ -1,0 +1,58 @@
+"""Supervised warm-start for the numbers task: next-token cross-entropy on (prompt, answer + EOS) pairs.
+
+The generated answers mix uniformly drawn correct numbers with uniformly random ones
+(`task.sft_correct_fraction`), so the warm-started policy is diverse (it spreads over the valid set) and only
+moderately accurate: the starting point where RL either keeps that spread (LAD) or collapses it (GRPO).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lad_jax.tasks import numbers
+from lad_jax.train_step import sequence_logprobs
+
+
+def encode_pairs(tokenizer, pairs, length: int):
+    """Right-padded [b, length] tokens / positions / valid and a target mask over answer + EOS tokens."""
+    b = len(pairs)
+    tokens = np.full((b, length), tokenizer.pad_token_id, np.int32)
+    target = np.zeros((b, length), bool)
+    for i, (prompt, answer) in enumerate(pairs):
+        p = tokenizer(prompt)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + a)[:length]
+        tokens[i, :len(ids)] = ids
+        target[i, len(p):len(ids)] = True
+    valid = tokens != tokenizer.pad_token_id
+    valid[:, 0] = True
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()
+    return tokens, positions, valid, target
+
+
+def warm_start(graphdef, params, tokenizer, *, steps: int, batch_size: int, lr: float, correct_fraction: float,
+               seed: int, length: int = 8, log=print):
+    """Returns trained params (same pytree/shardings as `params`) and the final loss."""
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), max(steps, 2), lr * 0.1))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, tokens, positions, valid, target):
+        def loss_fn(p):
+            logp, _ = sequence_logprobs(graphdef, p, tokens, positions, valid, temperature=1.0)
+            return -jnp.sum(jnp.where(target, logp, 0.0)) / jnp.maximum(jnp.sum(target), 1)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    loss = float("nan")
+    for i in range(steps):
+        pairs = numbers.sft_examples(rng, batch_size, correct_fraction)
+        params, opt_state, loss = step(params, opt_state, *encode_pairs(tokenizer, pairs, length))
+        if log is not None and (i + 1) % max(steps // 4, 1) == 0:
+            log(f"warm-start step {i + 1}/{steps}: loss {float(loss):.3f}")
+    return params, float(loss)

@@ -1,0 +1,184 @@
+"""The jitted policy-update step: micro-batch gradient accumulation + optax, with explicit shardings and donation.
+
+Train state: a plain dict pytree ``{"params": <pure dict>, "opt_state": <optax state>, "step": int32[]}``; params
+are the model's `nnx.to_pure_dict` and are merged back with the graphdef inside the traced function, so the
+sampler and the trainer share one set of arrays.
+
+A step consumes one minibatch laid out as ``[n_micro, m, t]`` (micro-batches on the leading axis; rows sharded over
+the data axes). Gradients of each micro-batch's loss *numerator* are summed by a `lax.scan` and divided once by the
+summed denominator (token or sequence count, gradient-free), so the update equals the full-minibatch gradient
+exactly (up to float summation order) for any micro-batch size.
+
+Batch arrays (``t`` = prompt + response slots, tokens left-aligned to the prompt's end as the sampler laid them out):
+  tokens_bt int32, positions_bt int32, valid_bt bool (not padding), response_bt bool (token t is a response
+  token whose log-prob is trained), old_logp_bt float32 (pi_old log-prob of token t), advantages_b float32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lad_jax import losses
+from lad_jax.config import Config
+from lad_jax.models import token_logprobs
+from lad_jax.sharding import state_shardings
+
+BATCH_KEYS = ("tokens_bt", "positions_bt", "valid_bt", "response_bt", "old_logp_bt", "advantages_b")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_schedule(c: Config) -> Callable:
+    o = c.optimizer
+    if o.schedule == "constant":
+        if o.warmup_steps:
+            return optax.join_schedules(
+                [optax.linear_schedule(0.0, o.lr, o.warmup_steps), optax.constant_schedule(o.lr)], [o.warmup_steps])
+        return optax.constant_schedule(o.lr)
+    updates = max(c.steps * updates_per_step(c), 1)
+    warm = o.warmup_steps * updates_per_step(c)
+    return optax.warmup_cosine_decay_schedule(0.0 if warm else o.lr, o.lr, warm, max(updates, warm + 1),
+                                              end_value=o.lr * o.min_lr_ratio)
+
+
+def updates_per_step(c: Config) -> int:
+    """Optimizer updates per RL step: mu passes x minibatches per rollout."""
+    return c.algorithm.mu * (c.batch_size // c.algorithm.minibatch_size)
+
+
+def make_optimizer(c: Config, schedule: Callable) -> optax.GradientTransformation:
+    o = c.optimizer
+    return optax.chain(
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, lead: int = 1) -> NamedSharding:
+    """Rows (axis `lead`) over the data axes; everything else replicated."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    spec = [None] * ndim
+    if axes:
+        spec[lead] = axes if len(axes) > 1 else axes[0]
+    return NamedSharding(mesh, P(*spec))
+
+
+def param_shardings(abstract_model_state, mesh: Mesh):
+    return nnx.to_pure_dict(state_shardings(abstract_model_state, mesh))
+
+
+def train_state_shardings(tx, abstract_params, params_sh, mesh: Mesh):
+    """Shardings for the whole train state: optimizer moments follow their parameter, the rest is replicated."""
+    replicated = NamedSharding(mesh, P())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sh,
+                                   transform_non_params=lambda _: replicated)
+    return {"params": params_sh, "opt_state": opt_sh, "step": replicated}
+
+
+def init_train_state(tx, params, shardings):
+    """Optimizer state built directly on its shardings (eval_shape -> shardings -> jit(init, out_shardings))."""
+    def init(p):
+        return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
+    return jax.jit(init, in_shardings=(shardings["params"],), out_shardings=shardings)(params)
+
+
+def sequence_logprobs(graphdef, params, tokens_bt, positions_bt, valid_bt, *, temperature: float,
+                      chunk_size: int = 256):
+    """(log pi(token t | tokens < t), entropy of that distribution), float32 [b, t]; column 0 is 0."""
+    model = nnx.merge(graphdef, params)
+    t = tokens_bt.shape[1]
+    causal = jnp.tril(jnp.ones((t - 1, t - 1), bool))
+    valid = valid_bt[:, :-1]
+    # Padding keys are masked; a padding query still sees itself so no softmax row is empty.
+    mask_bts = causal[None] & (valid[:, None, :] | jnp.eye(t - 1, dtype=bool)[None])
+    logp, ent = token_logprobs(model, tokens_bt[:, :-1], positions_bt[:, :-1], mask_bts, tokens_bt[:, 1:],
+                               temperature=temperature, chunk_size=chunk_size, return_entropy=True)
+    pad = ((0, 0), (1, 0))
+    return jnp.pad(logp, pad), jnp.pad(ent, pad)
+
+
+def loss_kwargs(c: Config) -> dict:
+    a = c.algorithm
+    return dict(loss=a.loss, divergence=a.divergence, eta=a.eta, ratio_level=a.ratio_level,
+                aggregation=a.aggregation, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
+                log_ratio_clip=a.log_ratio_clip, max_length_norm=float(c.rollout.max_new_tokens))
+
+
+class TrainStep:
+    """`step(state, batch) -> (state, metrics)`; one jit, state donated; `compiles` counts traces."""
+
+    def __init__(self, c: Config, graphdef, tx, schedule, mesh: Mesh, shardings):
+        self.compiles = 0
+        kwargs = loss_kwargs(c)
+        temperature = c.rollout.temperature
+        chunk = c.model.logprob_chunk_size
+
+        def step_fn(state, batch):
+            self.compiles += 1  # runs only while tracing
+            params = state["params"]
+
+            def micro(carry, mb):
+                grads_acc, num_acc, den_acc, wsum = carry
+
+                def loss_fn(p):
+                    logp, ent = sequence_logprobs(graphdef, p, mb["tokens_bt"], mb["positions_bt"],
+                                                  mb["valid_bt"], temperature=temperature, chunk_size=chunk)
+                    num, den, met = losses.policy_loss(logp, mb["old_logp_bt"], mb["advantages_b"],
+                                                       mb["response_bt"], entropy_bt=jax.lax.stop_gradient(ent),
+                                                       **kwargs)
+                    return num, (den, met)
+
+                (num, (den, met)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+                ntok = jnp.sum(mb["response_bt"]).astype(jnp.float32)
+                wsum = {k: wsum[k] + met[k] * ntok for k in wsum}
+                grads_acc = jax.tree.map(jnp.add, grads_acc, g)
+                return (grads_acc, num_acc + num, den_acc + den, wsum), ntok
+
+            metric_names = self._metric_names(kwargs["loss"])
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (zeros, jnp.float32(0), jnp.float32(0), {k: jnp.float32(0) for k in metric_names})
+            (grads, num, den, wsum), ntok_m = jax.lax.scan(micro, init, batch)
+            den = jnp.maximum(den, 1.0)
+            grads = jax.tree.map(lambda g: g / den, grads)
+            ntok = jnp.maximum(jnp.sum(ntok_m), 1.0)
+            metrics = {f"train/{k}": v / ntok for k, v in wsum.items()}
+            metrics["train/loss"] = num / den
+            metrics["train/grad_norm"] = optax.global_norm(grads)
+            metrics["train/lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                   "step": state["step"] + 1}
+            return new, metrics
+
+        bsh = {k: batch_sharding(mesh, 2 if k == "advantages_b" else 3) for k in BATCH_KEYS}
+        replicated = NamedSharding(mesh, P())
+        self.batch_shardings = bsh
+        self._fn = jax.jit(step_fn, in_shardings=(shardings, bsh), out_shardings=(shardings, replicated),
+                           donate_argnums=(0,))
+
+    @staticmethod
+    def _metric_names(loss: str) -> tuple[str, ...]:
+        extra = {"lad": ("above_target_frac",), "grpo": ("clip_frac",), "gspo": ("clip_frac",), "pg": ()}[loss]
+        return ("ratio_mean", "approx_kl", "entropy") + extra
+
+    def __call__(self, state, batch: dict[str, Any]):
+        return self._fn(state, batch)
+
+    def lower(self, state, batch):
+        return self._fn.lower(state, batch)
+
+
+def make_logprob_fn(graphdef, mesh: Mesh, params_sh, temperature: float, chunk_size: int = 256):
+    """Jitted pi_theta log-probs of a [b, t] batch (for `rollout.old_logprobs=recompute` and checks)."""
+    rows = batch_sharding(mesh, 2, lead=0)
+
+    def fn(params, tokens_bt, positions_bt, valid_bt):
+        return sequence_logprobs(graphdef, params, tokens_bt, positions_bt, valid_bt, temperature=temperature,
+                                 chunk_size=chunk_size)[0]
+
+    return jax.jit(fn, in_shardings=(params_sh, rows, rows, rows), out_shardings=rows)

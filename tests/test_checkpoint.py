@@ -1,0 +1,120 @@
+"""lad_jax.checkpoint: save/restore onto shardings, keep-last-K, atomicity under SIGKILL, SIGTERM flag."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lad_jax.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    install_preemption_handler,
+    rng_from_json,
+    rng_to_json,
+)
+
+
+def _state(scale):
+    return {
+        "params": {"w": jnp.arange(32.0).reshape(8, 4) * scale, "b": jnp.ones((4,), jnp.bfloat16) * scale},
+        "step": jnp.asarray(int(scale), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(int(scale))),
+    }
+
+
+def test_save_every_keep_last_and_sharded_restore(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ckpt", save_every=2, keep_last=2, async_save=True)
+    assert mgr.restore_latest(_state(0)) is None
+    key = jax.random.key(7)
+    saved = [s for s in range(1, 8) if mgr.save(s, _state(s), meta={"data": {"next_index": s}, "rng": rng_to_json(key)})]
+    assert saved == [2, 4, 6]
+    assert mgr.save(7, _state(7), meta={"data": {"next_index": 7}}, force=True)
+    assert not mgr.save(7, _state(8), meta={}, force=True)  # an existing step is never overwritten
+    mgr.wait()
+    assert mgr.all_steps() == [6, 7] and mgr.latest_step() == 7
+    mgr.close()
+
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    w_sharding = NamedSharding(mesh, P("fsdp", "tensor"))
+    rep = NamedSharding(mesh, P())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), _state(0))
+    target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=w_sharding)
+    step, state, meta = CheckpointManager(tmp_path / "ckpt", save_every=2, keep_last=2).restore_latest(target)
+    assert step == 7 and meta == {"data": {"next_index": 7}}
+    assert state["params"]["w"].sharding == w_sharding
+    assert len(state["params"]["w"].addressable_shards) == 8
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, _state(7))
+    assert state["params"]["b"].dtype == jnp.bfloat16
+
+
+def test_rng_json_roundtrip_and_bad_inputs(tmp_path):
+    key = jax.random.split(jax.random.key(3), 2)
+    back = rng_from_json(rng_to_json(key))
+    np.testing.assert_array_equal(jax.random.key_data(back), jax.random.key_data(key))
+    assert jax.random.uniform(back[1]) == jax.random.uniform(key[1])
+    mgr = CheckpointManager(tmp_path / "c", save_every=1, keep_last=1, async_save=False)
+    with pytest.raises(CheckpointError, match=r"\['rng'\].*key_data"):
+        mgr.save(1, {"rng": jax.random.key(0)}, meta={})
+    with pytest.raises(CheckpointError, match="JSON"):
+        mgr.save(1, {"x": jnp.zeros(2)}, meta={"bad": object()})
+    mgr.close()
+    with pytest.raises(CheckpointError, match="keep_last"):
+        CheckpointManager(tmp_path / "d", save_every=1, keep_last=0)
+
+
+_KILLED_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from lad_jax.checkpoint import CheckpointManager
+
+    mgr = CheckpointManager(sys.argv[1], save_every=1, keep_last=3, async_save=True)
+    mgr.save(1, {"w": jnp.full((64, 64), 1.0)}, meta={"step": 1})
+    mgr.wait()
+
+    async def die_before_commit(self, *args, **kwargs):
+        # every byte of step 2 is written, but the process dies before the commit (rename)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    atomicity.AtomicRenameTemporaryPath.finalize = die_before_commit
+    mgr.save(2, {"w": jnp.full((64, 64), 2.0)}, meta={"step": 2})
+    mgr.wait()
+    print("NOT KILLED")
+    """
+)
+
+
+def test_save_killed_half_way_keeps_last_good_checkpoint(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, directory], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    leftovers = [name for name in os.listdir(directory) if name.startswith("2.") and "tmp" in name]
+    assert leftovers, os.listdir(directory)  # the unfinished save really started writing step 2
+    mgr = CheckpointManager(directory, save_every=1, keep_last=3)
+    assert mgr.latest_step() == 1
+    step, state, meta = mgr.restore_latest({"w": jnp.zeros((64, 64))})
+    assert step == 1 and meta == {"step": 1} and float(state["w"][0, 0]) == 1.0
+    assert mgr.save(2, {"w": jnp.full((64, 64), 3.0)}, meta={"step": 2})  # re-saving the same step works
+    mgr.wait()
+    assert mgr.restore_latest({"w": jnp.zeros((64, 64))})[2] == {"step": 2}
+    assert not [n for n in os.listdir(directory) if "tmp" in n]
+    mgr.close()
+
+
+def test_sigterm_sets_preemption_flag():
+    calls = []
+    flag = install_preemption_handler(lambda: calls.append(1))
+    try:
+        assert not flag.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.is_set() and calls == [1]
+    finally:
+        flag.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is not None

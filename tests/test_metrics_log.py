@@ -1,0 +1,51 @@
+"""lad_jax.metrics_log: JSONL + TensorBoard writing and one-step-late metric reading."""
+import json
+import struct
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tensorboardX.proto import event_pb2
+
+from lad_jax.metrics_log import DeferredMetrics, MetricsWriter, to_float
+
+
+def _read_scalars(event_file):
+    """(step, tag, value) triples from a TensorBoard event file (TFRecord framing: len, crc, data, crc)."""
+    data, i, out = event_file.read_bytes(), 0, []
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[i + 12 : i + 12 + n])
+        out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+        i += 16 + n
+    return out
+
+
+def test_writer_jsonl_and_tensorboard(tmp_path):
+    with MetricsWriter(tmp_path / "run") as writer:
+        out = writer.write(1, {"loss": jnp.float32(0.5), "acc": np.float64(0.25), "n": 3, "lr": jnp.array([1e-3])})
+        writer.write(2, {"loss": 0.25, "kl": float("nan")})
+    assert out == {"loss": 0.5, "acc": 0.25, "n": 3.0, "lr": pytest.approx(1e-3)}
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 1 and lines[0]["loss"] == 0.5 and lines[0]["n"] == 3.0
+    assert lines[1] == {"step": 2, "loss": 0.25, "kl": "nan"}
+    events = list((tmp_path / "run").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    scalars = _read_scalars(events[0])
+    assert (1, "loss", 0.5) in scalars and (2, "loss", 0.25) in scalars and (1, "acc", 0.25) in scalars
+    with MetricsWriter(tmp_path / "run", tensorboard=False) as writer:  # a resumed run appends
+        writer.write(3, {"loss": 0.125})
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(ValueError, match="scalar"):
+        to_float(jnp.zeros(3))
+
+
+def test_deferred_metrics_returns_previous_step():
+    deferred = DeferredMetrics()
+    assert deferred.push(1, {"loss": jnp.float32(1.0)}) is None
+    assert deferred.push(2, {"loss": jnp.float32(2.0)}) == (1, {"loss": 1.0})
+    assert deferred.push(3, {"loss": jnp.float32(3.0)}) == (2, {"loss": 2.0})
+    assert deferred.flush() == (3, {"loss": 3.0})
+    assert deferred.flush() is None

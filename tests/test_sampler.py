@@ -1,0 +1,190 @@
+"""generate(): greedy parity with transformers, on-policy log-probs, groups, seeds, compile counts, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lad_jax import sampler  # noqa: E402
+from lad_jax.models import from_pretrained, tiny_config, token_logprobs  # noqa: E402
+from lad_jax.sampler import generate  # noqa: E402
+from lad_jax.sharding import make_mesh  # noqa: E402
+
+PAD = 0
+# different lengths -> left padding inside the 16-token bucket
+PROMPTS = [[5, 17, 33, 2, 9], [100, 7, 56, 201, 3, 88, 12, 41, 19, 250, 6, 77], [42]]
+MAX_NEW = 12
+
+
+def _hf_checkpoint(directory, config, seed=0):
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf_config())
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+    with torch.no_grad():
+        # larger-than-default random weights: well-separated logits, so greedy ties cannot flip the argmax
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    model = model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    config = tiny_config("qwen2", tie_word_embeddings=False, pad_token_id=PAD)
+    directory = str(tmp_path_factory.mktemp("sampler_ckpt"))
+    hf = _hf_checkpoint(directory, config)
+    return hf, from_pretrained(directory), directory
+
+
+def _hf_greedy(hf, prompts, max_new, stop_ids):
+    lp = max(map(len, prompts))
+    ids = np.full((len(prompts), lp), PAD, np.int64)
+    attn = np.zeros((len(prompts), lp), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, lp - len(p):] = p
+        attn[i, lp - len(p):] = 1
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(attn), do_sample=False,
+            max_new_tokens=max_new, eos_token_id=list(stop_ids) or None, pad_token_id=PAD,
+        )
+    out = out[:, lp:].numpy()
+    res = []
+    for row in out:
+        row = row.tolist()
+        for j, t in enumerate(row):
+            if t in stop_ids:
+                row = row[: j + 1]
+                break
+        res.append(row)
+    return res
+
+
+def test_greedy_matches_transformers_with_padding_and_stops(models):
+    hf, model, _ = models
+    free = generate(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD)
+    assert free.responses() == _hf_greedy(hf, PROMPTS, MAX_NEW, ())
+    assert free.finish_reasons() == ["length"] * 3
+    # stop tokens: one taken from the middle of row 0's response, so row 0 stops early
+    first = free.responses()[0]
+    stop = first[4]
+    out = generate(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD, stop_token_ids=[stop, 255])
+    ref = _hf_greedy(hf, PROMPTS, MAX_NEW, (stop, 255))
+    assert out.responses() == ref
+    lengths = np.asarray(out.lengths_b)
+    assert lengths[0] == first.index(stop) + 1 < MAX_NEW
+    for i, r in enumerate(out.responses()):
+        assert out.finish_reasons()[i] == ("stop" if r[-1] in (stop, 255) else "length")
+    # padding after the end: pad tokens and zero log-probs
+    toks, logp, mask = np.asarray(out.tokens_bt), np.asarray(out.logprobs_bt), np.asarray(out.mask_bt)
+    assert np.all(toks[~mask] == PAD) and np.all(logp[~mask] == 0.0) and np.all(logp[mask] < 0.0)
+
+
+def _training_logprobs(model, out, temperature):
+    """Recompute the response log-probs with the training forward (no cache) over prompt + response."""
+    prompt, resp = np.asarray(out.prompt_tokens_bs), np.asarray(out.tokens_bt)
+    lp = prompt.shape[1]
+    plen = np.asarray(out.prompt_lengths_b)
+    valid = np.concatenate([np.arange(lp)[None, :] >= lp - plen[:, None], np.asarray(out.mask_bt)], axis=1)
+    tokens = np.concatenate([prompt, resp], axis=1)
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0)
+    t = tokens.shape[1]
+    mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+    targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
+    logp = jax.jit(lambda *a: token_logprobs(model, *a, temperature=temperature, chunk_size=8))(
+        jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask), jnp.asarray(targets))
+    return np.asarray(logp)[:, lp - 1: lp - 1 + resp.shape[1]]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 0.9), (1.0, 20, 1.0), (0.0, 0, 1.0)])
+def test_behaviour_logprobs_equal_training_forward(models, temperature, top_k, top_p):
+    _, model, _ = models
+    out = generate(model, PROMPTS, num_samples=3, max_new_tokens=MAX_NEW, temperature=temperature, top_k=top_k,
+                   top_p=top_p, stop_token_ids=[3], seed=7, pad_id=PAD)
+    ref = _training_logprobs(model, out, temperature if temperature > 0 else 1.0)
+    mask = np.asarray(out.mask_bt)
+    diff = np.abs(np.asarray(out.logprobs_bt) - ref)[mask].max()
+    print(f"sampler vs training-forward log-prob max-abs-diff: {diff:.2e}")
+    assert diff <= 1e-4
+
+
+def test_groups_prefill_once_and_attribution(models):
+    _, model, _ = models
+    g = 4
+    before = sampler.prefill_rows()
+    out = generate(model, PROMPTS, num_samples=g, max_new_tokens=MAX_NEW, temperature=1.0, seed=3, pad_id=PAD)
+    after = sampler.prefill_rows()
+    assert after["calls"] - before.get("calls", 0) == 1
+    assert after["rows"] - before.get("rows", 0) == len(PROMPTS)  # not len(PROMPTS) * g
+    np.testing.assert_array_equal(np.asarray(out.prompt_index_b), np.repeat(np.arange(3), g))
+    prompt_rows = np.asarray(out.prompt_tokens_bs)
+    for r in range(3 * g):
+        p = PROMPTS[r // g]
+        assert prompt_rows[r, -len(p):].tolist() == p and np.all(prompt_rows[r, : -len(p)] == PAD)
+    assert out.tokens_bt.shape == (3 * g, MAX_NEW)
+    # each sample of a group has its own noise
+    resp = out.responses()
+    assert len({tuple(r) for r in resp[:g]}) > 1
+    # greedy rows of a group equal the prompt decoded alone, and prefilling every copy gives the same result
+    grouped = generate(model, PROMPTS, num_samples=g, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD)
+    every = generate(model, PROMPTS, num_samples=g, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD,
+                     share_prefix=False)
+    assert sampler.prefill_rows()["rows"] - after["rows"] == len(PROMPTS) + len(PROMPTS) * g
+    alone = [generate(model, [p], max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD).responses()[0]
+             for p in PROMPTS]
+    assert grouped.responses() == every.responses() == [alone[r // g] for r in range(3 * g)]
+    np.testing.assert_allclose(np.asarray(grouped.logprobs_bt), np.asarray(every.logprobs_bt), atol=1e-5)
+
+
+def test_seeds_and_no_recompilation(models):
+    _, model, _ = models
+    kw = dict(num_samples=2, max_new_tokens=MAX_NEW, top_p=0.95, pad_id=PAD)
+    a = generate(model, PROMPTS, temperature=1.0, seed=11, **kw)
+    counts = sampler.compile_counts()
+    b = generate(model, PROMPTS, temperature=1.0, seed=11, **kw)
+    c = generate(model, PROMPTS, temperature=0.8, seed=12, **kw)
+    d = generate(model, PROMPTS, temperature=1.0, seed=None, **kw)
+    e = generate(model, PROMPTS, temperature=1.0, seed=None, **kw)
+    # another prompt length inside the same 16-token bucket
+    generate(model, [p[:2] for p in PROMPTS], temperature=1.3, seed=1, **dict(kw, top_p=0.5))
+    assert sampler.compile_counts() == counts
+    np.testing.assert_array_equal(np.asarray(a.tokens_bt), np.asarray(b.tokens_bt))
+    np.testing.assert_array_equal(np.asarray(a.logprobs_bt), np.asarray(b.logprobs_bt))
+    for x, y in ((a, c), (a, d), (d, e)):
+        assert (np.asarray(x.tokens_bt) != np.asarray(y.tokens_bt)).mean() > 0.3
+    # a new static shape does compile (the counter is live)
+    generate(model, PROMPTS, temperature=1.0, seed=1, **dict(kw, max_new_tokens=MAX_NEW + 1))
+    assert sampler.compile_counts()["decode"] == counts["decode"] + 1
+
+
+def test_sharded_greedy_equals_single_device(models):
+    _, model, directory = models
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = from_pretrained(directory, mesh=mesh)
+    prompts = PROMPTS + [[9, 8, 7]]  # 4 prompts x 2 samples = 8 rows over data*fsdp = 4
+    single = generate(model, prompts, num_samples=2, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD)
+    out = generate(sharded, prompts, num_samples=2, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD,
+                   mesh=mesh)
+    assert len(out.tokens_bt.sharding.device_set) == 8
+    assert out.responses() == single.responses()
+    np.testing.assert_allclose(np.asarray(out.logprobs_bt), np.asarray(single.logprobs_bt), atol=1e-5)
+    # also under jax.set_mesh, with a row count that does not divide the data axes (3 prompts)
+    with jax.set_mesh(mesh):
+        ctx = generate(sharded, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD)
+    assert ctx.responses() == generate(model, PROMPTS, max_new_tokens=MAX_NEW, temperature=0.0,
+                                       pad_id=PAD).responses()
+
+
+def test_bad_input_is_rejected(models):
+    _, model, _ = models
+    with pytest.raises(ValueError, match="prompts\\[1\\] is empty"):
+        generate(model, [[1], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        generate(model, [[1]], max_new_tokens=4, stop_token_ids=[10**6])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [[1]], max_new_tokens=4, top_p=0.0)
