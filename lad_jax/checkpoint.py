@@ -2,7 +2,7 @@
 
 A checkpoint step directory holds two items:
   * ``state``: the array pytree (params, optimizer state, step counter, RNG key data, ...), saved with orbax's
-    StandardSave so every process writes only its shards; restored onto the shardings of an abstract pytree
+    PyTreeSave so every process writes only its shards; restored onto the shardings of an abstract pytree
     (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``), so restoring never gathers a full copy on one device;
   * ``meta``: a JSON dict (data-iterator state, resolved config, anything small and non-array).
 
@@ -73,18 +73,30 @@ def _abstract(tree: Any) -> Any:
 class CheckpointManager:
     """Saves every `save_every` steps (or when forced), keeps the last `keep_last` finished checkpoints."""
 
-    def __init__(self, directory: str | epath.PathLike, *, save_every: int, keep_last: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        *,
+        save_every: int,
+        keep_last: int,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        """`read_only=True` (e.g. evaluating a run that is still training) never writes, deletes or cleans up."""
         if save_every <= 0:
             raise CheckpointError(f"save_every must be a positive number of steps, got {save_every}")
         if keep_last <= 0:
             raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = epath.Path(directory)
         self.save_every = save_every
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=1,  # the step % save_every decision is ours (orbax would also save step 1)
-            max_to_keep=keep_last,
+            save_interval_steps=0 if read_only else 1,  # the step % save_every decision is ours
+            max_to_keep=None if read_only else keep_last,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # remove leftovers of saves that were killed half-way
+            cleanup_tmp_directories=not read_only,  # remove leftovers of saves that were killed half-way
+            read_only=read_only,
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -94,6 +106,8 @@ class CheckpointManager:
         With async saving the arrays are copied off-device before this returns, so the caller may donate or
         overwrite `state` right away; the files are written in the background (see `wait`).
         """
+        if self.read_only:
+            raise CheckpointError(f"this CheckpointManager on {self.directory} is read-only; it cannot save")
         try:
             meta = json.loads(json.dumps(meta))
         except (TypeError, ValueError) as e:
@@ -105,7 +119,7 @@ class CheckpointManager:
             return False  # e.g. the final save after SIGTERM lands on a step that was just saved
         return self._manager.save(
             int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
             force=True,
         )
 
@@ -116,23 +130,46 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the newest finished checkpoint, or None when there is none.
-
-        `abstract_state` is a pytree like the saved one whose leaves are `jax.ShapeDtypeStruct`s with shardings
-        (or concrete arrays, whose shardings are used); arrays are restored directly onto those shardings.
-        """
+    def restore_latest(self, abstract_state: Any, *, partial: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest finished checkpoint, or None when there is none. See `restore`."""
         self.wait()
         step = self.latest_step()
         if step is None:
             return None
+        state, meta = self.restore(step, abstract_state, partial=partial)
+        return step, state, meta
+
+    def restore(self, step: int, abstract_state: Any, *, partial: bool = False) -> tuple[Any, dict[str, Any]]:
+        """(state, meta) of a finished `step`.
+
+        `abstract_state` is a pytree like the saved one whose leaves are `jax.ShapeDtypeStruct`s with shardings
+        (or concrete arrays, whose shardings are used); arrays are restored directly onto those shardings.
+        `partial=True` restores only the subtrees present in `abstract_state` (e.g. {"params": ...} for evaluation,
+        skipping the optimizer state); otherwise the structure must match the saved one.
+        """
+        self.wait()
+        abstract = _abstract(abstract_state)
         restored = self._manager.restore(
-            step,
+            int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(abstract_state)), meta=ocp.args.JsonRestore()
+                state=ocp.args.PyTreeRestore(
+                    abstract,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=partial,
+                ),
+                meta=ocp.args.JsonRestore(),
             ),
         )
-        return step, restored["state"], dict(restored["meta"])
+        return restored["state"], dict(restored["meta"])
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any] | None:
+        """The JSON meta of `step` (default: the newest finished step) without touching the arrays; None if none."""
+        self.wait()
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            return None
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
 
     def wait(self) -> None:
         """Blocks until any in-flight asynchronous save has been committed."""

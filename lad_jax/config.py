@@ -140,11 +140,13 @@ class LoggingSection:
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
+    enabled: bool = True  # false: no evaluation at all (before, during or after training)
     every: int = 0  # 0 = only before and after training
     num_samples: int = 16  # k for pass@k / avg@k
     max_prompts: int = 64
     temperature: float = 1.0
     at_start: bool = True
+    ngram: int = 4  # n of the distinct-n-gram diversity ratio (whitespace words)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,12 +406,16 @@ def validate(c: Config) -> None:
     for i, spec in enumerate(c.reward.functions):
         if "name" not in spec:
             raise ConfigError(f"reward.functions[{i}] has no 'name'; write e.g. {{name: math, weight: 1.0}}")
+        unknown = sorted(set(spec) - {"name", "weight", "kwargs"})
+        if unknown:
+            raise ConfigError(f"reward.functions[{i}] has unknown keys {unknown}; use name, weight, kwargs")
     if c.checkpoint.every < 0 or c.checkpoint.keep < 1:
         raise ConfigError("checkpoint.every must be >= 0 (0 = only at the end) and checkpoint.keep >= 1")
     if c.eval.every < 0:
         raise ConfigError(f"eval.every={c.eval.every} must be >= 0 (0 = only before/after training)")
     _positive(c.eval.num_samples, "eval.num_samples")
     _positive(c.eval.max_prompts, "eval.max_prompts")
+    _positive(c.eval.ngram, "eval.ngram")
     _choice(c.task.name, TASKS, "task.name")
     if not 0 <= c.task.sft_correct_fraction <= 1:
         raise ConfigError(f"task.sft_correct_fraction={c.task.sft_correct_fraction} must be in [0, 1]")

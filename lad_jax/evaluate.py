@@ -13,6 +13,15 @@ reward >= `correct_threshold`):
     has any).
   * distinct correct per prompt: the number of different correct responses (exact match after stripping
     surrounding whitespace for texts), averaged over prompts.
+
+`evaluate_policy` samples and scores a policy on held-out rows (used by the trainer's periodic eval and the CLI):
+
+    python -m lad_jax.evaluate [--config CFG] [key.sub=value ...] [--checkpoint DIR | --hf_model DIR]
+        --data FILE [FILE ...] --out results.json [--k 8]
+
+`--checkpoint` takes a trainer checkpoint directory (or a run directory holding `checkpoints/`); without `--config`
+the run's own config is read from the checkpoint. `--hf_model` takes a `save_pretrained` directory (e.g. the
+trainer's `hf_export/`). Model, tokenizer and reward are built exactly as `lad_jax.train` builds them.
 """
 
 from __future__ import annotations
@@ -206,3 +215,185 @@ def evaluate_policy(
     summary["response_length_max"] = float(np.max(lengths))
     summary["clip_fraction"] = float(np.mean(clipped))
     return summary, samples
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lad_jax.evaluate",
+                                     description="pass@1 / pass@k / avg@k / distinct-n of a policy on held-out data")
+    parser.add_argument("--config", default=None, help="YAML config (default: the checkpoint's, else the default)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", default=None, help="trainer checkpoint dir, or a run dir with checkpoints/")
+    source.add_argument("--hf_model", default=None, help="HF save_pretrained dir (weights, config.json, tokenizer)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--data", nargs="+", required=True, help="held-out JSONL/Parquet files (globs allowed)")
+    parser.add_argument("--out", required=True, help="where to write the results JSON")
+    parser.add_argument("--k", type=int, default=None, help="samples per prompt (default: eval.num_samples)")
+    parser.add_argument("--max_prompts", type=int, default=None, help="evaluate only the first N prompts")
+    parser.add_argument("--temperature", type=float, default=None, help="default: eval.temperature")
+    parser.add_argument("--max_new_tokens", type=int, default=None, help="default: rollout.max_new_tokens")
+    parser.add_argument("--batch_prompts", type=int, default=64, help="prompts per generate call")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: seed + 1, as in training)")
+    parser.add_argument("--num_examples", type=int, default=8, help="per-prompt samples to include in the JSON")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def _checkpoint_dir(path: str) -> str:
+    import os
+
+    sub = os.path.join(path, "checkpoints")
+    return sub if os.path.isdir(sub) else path
+
+
+def _load_config(args):
+    import os
+    import tempfile
+
+    import yaml
+
+    from lad_jax.checkpoint import CheckpointManager
+    from lad_jax.config import load_config
+
+    if args.config is not None or args.checkpoint is None:
+        return load_config(args.config, args.overrides)
+    meta = CheckpointManager(_checkpoint_dir(args.checkpoint), save_every=1, keep_last=1,
+                             read_only=True).read_meta(args.step)
+    if meta is None:
+        raise SystemExit(f"no finished checkpoint in {args.checkpoint}")
+    if "config" not in meta:
+        raise SystemExit(f"checkpoint {args.checkpoint} holds no config; pass --config")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as fh:
+            yaml.safe_dump(meta["config"], fh)
+        return load_config(path, args.overrides)
+
+
+def _tokenizer(c, hf_model: str | None):
+    import os
+
+    from lad_jax.tokenizer import load_tokenizer
+
+    if hf_model is not None and os.path.exists(os.path.join(hf_model, "tokenizer_config.json")):
+        return load_tokenizer(hf_model)
+    if c.model.tokenizer is None and c.task.name == "numbers":
+        from lad_jax.tasks import numbers
+
+        return numbers.build_tokenizer()  # deterministic: the same tokenizer the trainer wrote to its run dir
+    path = c.model.tokenizer or c.init_from
+    if path is None:
+        raise SystemExit("no tokenizer: set model.tokenizer=DIR (or pass --hf_model with tokenizer files)")
+    return load_tokenizer(path)
+
+
+def _model(c, tokenizer, mesh, args):
+    """(model, source description) from --hf_model, --checkpoint or the config's init_from."""
+    from flax import nnx
+
+    from lad_jax.checkpoint import CheckpointManager
+    from lad_jax.models import Transformer, from_pretrained, load_config
+    from lad_jax.train_setup import build_model
+    from lad_jax.train_step import param_shardings
+
+    m = c.model
+    if args.hf_model is not None:
+        model = from_pretrained(args.hf_model, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        return model, {"hf_model": args.hf_model}
+    if args.checkpoint is None:
+        if c.init_from is None:
+            raise SystemExit("nothing to evaluate: pass --checkpoint DIR or --hf_model DIR (or set init_from)")
+        model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        return model, {"hf_model": c.init_from}
+    import jax
+
+    if c.init_from is not None:  # the architecture comes from the checkpoint the run started from
+        arch = load_config(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        abstract = nnx.eval_shape(lambda: Transformer(arch, rngs=nnx.Rngs(0)))
+    else:
+        abstract = nnx.eval_shape(lambda: build_model(c, tokenizer, None))
+    graphdef, abs_state = nnx.split(abstract)
+    shardings = param_shardings(abs_state, mesh)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          nnx.to_pure_dict(abs_state), shardings)
+    manager = CheckpointManager(_checkpoint_dir(args.checkpoint), save_every=1, keep_last=1, read_only=True)
+    step = manager.latest_step() if args.step is None else args.step
+    if step is None:
+        raise SystemExit(f"no finished checkpoint in {args.checkpoint}")
+    state, _ = manager.restore(step, {"params": target}, partial=True)
+    nnx.replace_by_pure_dict(abs_state, state["params"])
+    return nnx.merge(graphdef, abs_state), {"checkpoint": args.checkpoint, "step": int(step)}
+
+
+def main(argv=None) -> dict[str, Any]:
+    import json
+    import os
+    import sys
+
+    import jax
+
+    from lad_jax.config import ConfigError, mesh_shape
+    from lad_jax.data import load_rows, tokenize_prompts
+    from lad_jax.rewards import build_reward_fn
+    from lad_jax.sharding import make_mesh
+    from lad_jax.train_setup import maybe_initialize_distributed, reward_specs
+
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        c = _load_config(args)
+        maybe_initialize_distributed(c.mesh.distributed)
+        mesh = make_mesh(*mesh_shape(c, jax.device_count()))
+        reward_fn = build_reward_fn(reward_specs(c))
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    for name in ("k", "max_prompts", "max_new_tokens", "batch_prompts"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise SystemExit(f"--{name} must be positive, got {value}")
+    tokenizer = _tokenizer(c, args.hf_model)
+    model, source = _model(c, tokenizer, mesh, args)
+    d = c.data
+    rows, load_stats = load_rows(args.data, prompt_field=d.prompt_field, answer_field=d.answer_field,
+                                 extra_fields=d.extra_fields, on_bad_row=d.on_bad_row)
+    _, ids = tokenize_prompts(rows, tokenizer, use_chat_template=d.use_chat_template, system_prompt=d.system_prompt)
+    kept = [r for r, x in zip(rows, ids) if len(x) <= d.max_prompt_tokens]
+    dropped = len(rows) - len(kept)
+    kept = kept[: args.max_prompts] if args.max_prompts else kept
+    if not kept:
+        raise SystemExit(f"no prompts left to evaluate ({dropped} longer than data.max_prompt_tokens="
+                         f"{d.max_prompt_tokens})")
+    k = args.k or c.eval.num_samples
+    temperature = c.eval.temperature if args.temperature is None else args.temperature
+    max_new_tokens = args.max_new_tokens or c.rollout.max_new_tokens
+    seed = c.seed + 1 if args.seed is None else args.seed
+    stop = tuple(model.config.eos_token_ids) or (tokenizer.eos_token_id,)
+    summary, samples = evaluate_policy(
+        model, tokenizer, kept, reward_fn, num_samples=k, max_new_tokens=max_new_tokens, temperature=temperature,
+        seed=seed, use_chat_template=d.use_chat_template, system_prompt=d.system_prompt,
+        prompts_per_batch=min(len(kept), args.batch_prompts), stop_token_ids=stop, pad_id=tokenizer.pad_token_id,
+        ks=(1, k), ngram=c.eval.ngram, correct_threshold=c.reward.correct_threshold, mesh=mesh)
+    result = {
+        "metrics": summary,
+        "source": source,
+        "data": {"files": list(args.data), "bad_rows": load_stats["bad_rows"], "dropped_too_long": dropped,
+                 "num_prompts": len(kept)},
+        "sampling": {"k": k, "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed},
+        "config": c.to_dict(),
+        "examples": samples[: args.num_examples],
+    }
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        shown = {key: round(v, 4) for key, v in summary.items()
+                 if key.startswith(("pass@", "avg@", "distinct")) or key == "mean_reward"}
+        print(json.dumps(shown))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -198,10 +198,14 @@ def policy_loss(
         _choose("divergence", divergence, DIVERGENCES)
         _check_positive("eta", eta)
     if loss in ("grpo", "gspo") and not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
-        raise ValueError(f"clip_eps_low must be in [0, 1) and clip_eps_high >= 0 (got {clip_eps_low}, {clip_eps_high})")
+        raise ValueError(
+            f"clip_eps_low must be in [0, 1) and clip_eps_high >= 0 (got {clip_eps_low}, {clip_eps_high})"
+        )
     if aggregation == "seq-mean-token-sum-norm":
         if max_length_norm is None:
-            raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_length_norm (e.g. the max response length)")
+            raise ValueError(
+                "aggregation='seq-mean-token-sum-norm' needs max_length_norm (e.g. the max response length)"
+            )
         _check_positive("max_length_norm", max_length_norm)
     if kl_coef != 0.0 and ref_logp_bt is None:
         raise ValueError("kl_coef != 0 needs ref_logp_bt (reference-model log-probs); pass it or set kl_coef=0")
@@ -236,7 +240,8 @@ def policy_loss(
         else:
             l_bt = jnp.broadcast_to(seq_log_ratio_b[:, None], shape)
         loss_bt = lad_objective(l_bt, adv_bt, eta=eta, divergence=divergence, log_ratio_clip=log_ratio_clip)
-        metrics["above_target_frac"] = _masked_mean((l_bt > adv_bt / jnp.float32(eta)).astype(jnp.float32), mask)
+        above_bt = l_bt > adv_bt / jnp.asarray(eta, jnp.float32)
+        metrics["above_target_frac"] = _masked_mean(above_bt.astype(jnp.float32), mask)
     elif loss in ("grpo", "gspo"):
         if loss == "gspo":
             mean_b = seq_log_ratio_b / jnp.maximum(length_b, 1).astype(jnp.float32)

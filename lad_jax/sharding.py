@@ -36,9 +36,14 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axis types; exactly one size may be -1 (= fill the rest)."""
+def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axis types; at most one size may be -1 (= fill the rest).
+
+    `fsdp` left unset fills the remaining devices unless another axis is -1 (then it is 1).
+    """
     devices = list(jax.devices() if devices is None else devices)
+    if fsdp is None:
+        fsdp = 1 if -1 in (data, tensor) else -1
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     fills = [k for k, v in sizes.items() if v == -1]
     if len(fills) > 1:

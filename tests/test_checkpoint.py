@@ -45,12 +45,20 @@ def test_save_every_keep_last_and_sharded_restore(tmp_path):
     rep = NamedSharding(mesh, P())
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), _state(0))
     target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=w_sharding)
-    step, state, meta = CheckpointManager(tmp_path / "ckpt", save_every=2, keep_last=2).restore_latest(target)
+    reader = CheckpointManager(tmp_path / "ckpt", save_every=2, keep_last=2)
+    assert reader.read_meta()["data"] == {"next_index": 7} and reader.read_meta(6)["data"] == {"next_index": 6}
+    assert rng_from_json(reader.read_meta(6)["rng"]).shape == ()
+    step, state, meta = reader.restore_latest(target)
     assert step == 7 and meta == {"data": {"next_index": 7}}
     assert state["params"]["w"].sharding == w_sharding
     assert len(state["params"]["w"].addressable_shards) == 8
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, _state(7))
     assert state["params"]["b"].dtype == jnp.bfloat16
+    params_only, _ = reader.restore(6, {"params": target["params"]}, partial=True)
+    assert set(params_only) == {"params"} and params_only["params"]["w"].sharding == w_sharding
+    np.testing.assert_array_equal(np.asarray(params_only["params"]["w"]), np.asarray(_state(6)["params"]["w"]))
+    with pytest.raises(ValueError):
+        reader.restore(6, {"params": target["params"]})  # a structure mismatch is an error unless partial=True
 
 
 def test_rng_json_roundtrip_and_bad_inputs(tmp_path):
@@ -97,6 +105,11 @@ def test_save_killed_half_way_keeps_last_good_checkpoint(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     leftovers = [name for name in os.listdir(directory) if name.startswith("2.") and "tmp" in name]
     assert leftovers, os.listdir(directory)  # the unfinished save really started writing step 2
+    reader = CheckpointManager(directory, save_every=1, keep_last=1, read_only=True)
+    assert reader.latest_step() == 1 and reader.read_meta() == {"step": 1}
+    assert all(os.path.exists(os.path.join(directory, n)) for n in leftovers)  # read-only never cleans up
+    with pytest.raises(CheckpointError, match="read-only"):
+        reader.save(5, {"w": jnp.zeros((64, 64))}, meta={}, force=True)
     mgr = CheckpointManager(directory, save_every=1, keep_last=3)
     assert mgr.latest_step() == 1
     step, state, meta = mgr.restore_latest({"w": jnp.zeros((64, 64))})

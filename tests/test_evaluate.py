@@ -106,3 +106,50 @@ def test_evaluate_policy_aligns_prompts_rewards_and_summary(tiny_policy):
                                        temperature=0.0, prompts_per_batch=5)
     assert all(len(set(s["responses"])) == 1 for s in gsamples)
     assert greedy["pass@1"] == greedy["pass@3"]
+
+
+def test_cli_checkpoint_and_hf_model_match_direct_evaluation(tmp_path):
+    import json
+
+    import jax
+    from flax import nnx
+
+    from lad_jax import evaluate
+    from lad_jax.checkpoint import CheckpointManager
+    from lad_jax.config import load_config, mesh_shape
+    from lad_jax.data import load_rows
+    from lad_jax.models import save_pretrained
+    from lad_jax.sharding import make_mesh
+    from lad_jax.tasks import numbers
+    from lad_jax.train_setup import build_model
+
+    overrides = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
+                 "model.num_kv_heads=1", "model.head_dim=16", "run_name=ev", f"output_dir={tmp_path}"]
+    c = load_config(None, overrides)
+    tokenizer = numbers.build_tokenizer()
+    model = build_model(c, tokenizer, None)
+    ckpt = CheckpointManager(tmp_path / "ev" / "checkpoints", save_every=1, keep_last=1)
+    ckpt.save(3, {"params": nnx.to_pure_dict(nnx.split(model)[1]), "step": jax.numpy.int32(3)},
+              meta={"config": c.to_dict(), "data": {}})
+    ckpt.close()
+    save_pretrained(model, str(tmp_path / "hf"))  # weights only: the tokenizer then comes from the config's task
+    _, eval_file = numbers.write_data(str(tmp_path / "data"), num_train=4, num_eval=8, seed=0)
+
+    common = ["--data", eval_file, "--k", "3", "--max_prompts", "5"]
+    from_ckpt = evaluate.main(["--checkpoint", str(tmp_path / "ev"), "--out", str(tmp_path / "a.json")] + common)
+    from_hf = evaluate.main(["--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / "b.json")] + common
+                            + overrides)
+    assert from_ckpt["source"] == {"checkpoint": str(tmp_path / "ev"), "step": 3}
+    assert json.loads((tmp_path / "a.json").read_text())["metrics"] == from_ckpt["metrics"]
+    assert {"pass@1", "pass@3", "avg@3", f"distinct_{c.eval.ngram}gram_ratio"} <= set(from_ckpt["metrics"])
+    assert from_ckpt["data"]["num_prompts"] == 5 and from_ckpt["sampling"]["k"] == 3
+
+    rows, _ = load_rows(eval_file, prompt_field="prompt", answer_field="answer")
+    direct, samples = evaluate.evaluate_policy(
+        model, tokenizer, rows[:5], numbers.reward_fn, num_samples=3, max_new_tokens=c.rollout.max_new_tokens,
+        temperature=c.eval.temperature, seed=c.seed + 1, stop_token_ids=(tokenizer.eos_token_id,),
+        pad_id=tokenizer.pad_token_id, ngram=c.eval.ngram, mesh=make_mesh(*mesh_shape(c, jax.device_count())))
+    assert from_ckpt["metrics"] == direct and from_hf["metrics"] == direct
+    assert from_ckpt["examples"] == samples and from_hf["examples"] == samples
+    with pytest.raises(SystemExit, match="nothing to evaluate"):
+        evaluate.main(["--out", str(tmp_path / "c.json")] + common)

@@ -12,7 +12,7 @@ from lad_jax.sharding import make_mesh
 
 @pytest.fixture(scope="module")
 def models():
-    return {kind: Transformer(tiny_config(kind), rngs=nnx.Rngs(i)) for i, kind in enumerate(("qwen2", "qwen3", "llama"))}
+    return {kind: create_model(tiny_config(kind), seed=i) for i, kind in enumerate(("qwen2", "qwen3", "llama"))}
 
 
 @nnx.jit
@@ -93,14 +93,18 @@ def test_causality(models):
     np.testing.assert_array_equal(np.asarray(a[:, :6]), np.asarray(b[:, :6]))
     assert np.abs(np.asarray(a[:, 6:] - b[:, 6:])).max() > 1e-3
     # default mask (None) is causal
-    np.testing.assert_allclose(np.asarray(model(tokens, positions)[0]), np.asarray(a), atol=1e-6)
+    default = nnx.jit(lambda m, x, p: m(x, p)[0])(model, tokens, positions)
+    np.testing.assert_allclose(np.asarray(default), np.asarray(a), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind,chunk", [("qwen2", 4), ("llama", 3)])
-def test_chunked_logprobs_equal_direct_with_grads(models, kind, chunk):
-    model = models[kind]
-    b, t = 2, 10
-    tokens = jax.random.randint(jax.random.key(2), (b, t), 0, model.config.vocab_size)
+def test_chunked_logprobs_equal_direct_with_grads_and_remat(models):
+    """Chunked (remat="full" blocks) == direct (remat="dots" blocks): values, entropy and gradients."""
+    base = models["llama"]
+    state = nnx.state(base)
+    direct_model = nnx.merge(nnx.graphdef(Transformer(base.config.replace(remat="dots"), rngs=nnx.Rngs(0))), state)
+    chunk_model = nnx.merge(nnx.graphdef(Transformer(base.config.replace(remat="full"), rngs=nnx.Rngs(0))), state)
+    b, t, chunk = 2, 10, 3  # 3 does not divide t: exercises padding
+    tokens = jax.random.randint(jax.random.key(2), (b, t), 0, base.config.vocab_size)
     targets = jnp.roll(tokens, -1, axis=1)
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
@@ -109,37 +113,25 @@ def test_chunked_logprobs_equal_direct_with_grads(models, kind, chunk):
     def direct(m):
         logits, _ = m(tokens, positions, mask_bts=mask)
         lp, ent = logprobs_from_logits(logits, targets, 0.7, return_entropy=True)
-        return jnp.sum(lp * weights), (lp, ent)
+        return jnp.sum(lp * weights), (lp, ent, logprobs_from_logits(logits, targets))
 
     def chunked(m):
         lp, ent = token_logprobs(m, tokens, positions, mask, targets, temperature=0.7, chunk_size=chunk,
                                  return_entropy=True)
         return jnp.sum(lp * weights), (lp, ent)
 
-    (v1, (lp1, e1)), g1 = nnx.jit(nnx.value_and_grad(direct, has_aux=True))(model)
-    (v2, (lp2, e2)), g2 = nnx.jit(nnx.value_and_grad(chunked, has_aux=True))(model)
+    (v1, (lp1, e1, lp1_t1)), g1 = nnx.jit(nnx.value_and_grad(direct, has_aux=True))(direct_model)
+    (v2, (lp2, e2)), g2 = nnx.jit(nnx.value_and_grad(chunked, has_aux=True))(chunk_model)
     assert lp2.dtype == jnp.float32 and lp2.shape == (b, t)
     np.testing.assert_allclose(np.asarray(lp2), np.asarray(lp1), atol=1e-5)
     np.testing.assert_allclose(np.asarray(e2), np.asarray(e1), atol=1e-5)
     assert np.all(np.asarray(lp1) <= 0) and np.all(np.asarray(e1) >= 0)
-    for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    # the logits path really is tempered: T=0.7 log-probs differ from T=1
+    assert np.abs(np.asarray(lp1_t1) - np.asarray(lp1)).max() > 1e-3
+    leaves1, leaves2 = jax.tree.leaves(g1), jax.tree.leaves(g2)
+    assert len(leaves1) == len(leaves2) > 0
+    for x, y in zip(leaves1, leaves2):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
-
-
-def test_remat_policies_same_grads():
-    grads = {}
-    tokens = jax.random.randint(jax.random.key(4), (2, 8), 0, 256)
-    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    for policy in ("none", "full", "dots"):
-        model = Transformer(tiny_config("qwen3", remat=policy), rngs=nnx.Rngs(0))
-
-        def loss(m):
-            return jnp.mean(m(tokens, positions)[0] ** 2)
-
-        grads[policy] = jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))
-    for policy in ("full", "dots"):
-        for x, y in zip(grads["none"], grads[policy]):
-            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6)
 
 
 def test_bf16_compute_and_params():
@@ -152,11 +144,10 @@ def test_bf16_compute_and_params():
     assert np.isfinite(np.asarray(logits)).all()
 
 
-def test_create_model_sharded_init():
+def test_create_model_sharded_init(models):
     mesh = make_mesh(fsdp=4, tensor=2)
-    cfg = tiny_config("llama")
-    model = create_model(cfg, seed=0, mesh=mesh)
-    ref = create_model(cfg, seed=0)
+    ref = models["llama"]  # built by create_model(tiny_config("llama"), seed=2) without a mesh
+    model = create_model(ref.config, seed=2, mesh=mesh)
     w = model.blocks.w_up[...]
     assert max(s.data.nbytes for s in w.addressable_shards) * 8 == w.nbytes
     np.testing.assert_allclose(np.asarray(w), np.asarray(ref.blocks.w_up[...]), atol=1e-7)

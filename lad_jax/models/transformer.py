@@ -221,15 +221,14 @@ class Transformer(nnx.Module):
         return x, new_cache
 
 
-def create_model(config: ModelConfig, *, seed: int = 0, mesh=None) -> Transformer:
-    """Random-init model; with a mesh, params are created already sharded (eval_shape -> jit(out_shardings))."""
-    if mesh is None:
-        return Transformer(config, rngs=nnx.Rngs(seed))
+def create_model(config: ModelConfig, *, seed: int = 0, mesh=None, rules: dict | None = None) -> Transformer:
+    """Random-init model built under one jit; with a mesh, params are created already sharded
+    (eval_shape -> shardings -> jit(init, out_shardings))."""
     from lad_jax.sharding import state_shardings
 
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
     graphdef, abs_state = nnx.split(abstract)
-    shardings = state_shardings(abs_state, mesh)
+    shardings = None if mesh is None else state_shardings(abs_state, mesh, rules)
 
     def init():
         return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))[1]

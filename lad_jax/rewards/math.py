@@ -1,14 +1,17 @@
 """Math rewards: extract the final answer, decide equivalence with math-verify in a persistent process pool.
 
 math-verify times out with SIGALRM, which only works in a process's main thread and cannot interrupt long C-level
-sympy work, so checks run in worker processes (forkserver: no fork of a threaded trainer) and the parent enforces a
+sympy work, so checks run in persistent worker processes (`_math_worker.py`, started once) and the parent enforces a
 hard per-item deadline, killing and replacing a worker that overruns. A timeout or exception scores 0 and is counted.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
+import atexit
+import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import wait
@@ -30,116 +33,91 @@ def normalize_answer(answer: str) -> str:
     return _SPACES.sub("", a).rstrip(".")
 
 
-def _check(answer: str, reference: str, inner_timeout: int) -> bool:
-    """Runs in a worker: math-verify equivalence of two answer strings."""
-    from math_verify import parse, verify
-
-    gold = _parse_gold(reference, inner_timeout)
-    pred = parse(f"${answer}$", parsing_timeout=inner_timeout)
-    if not gold or not pred:
-        return False
-    return bool(verify(gold, pred, timeout_seconds=inner_timeout))
-
-
-_GOLD_CACHE: dict[tuple[str, int], Any] = {}
-
-
-def _parse_gold(reference: str, inner_timeout: int):
-    from math_verify import parse
-
-    key = (reference, inner_timeout)
-    if key not in _GOLD_CACHE:  # a reference is shared by the G completions of its prompt
-        if len(_GOLD_CACHE) > 4096:
-            _GOLD_CACHE.clear()
-        _GOLD_CACHE[key] = parse(f"${reference}$", parsing_timeout=inner_timeout)
-    return _GOLD_CACHE[key]
-
-
-def _worker_main(conn) -> None:
-    import math_verify  # noqa: F401 - import once, before the first task
-
-    conn.send("ready")
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        idx, answer, reference, inner_timeout = task
-        try:
-            conn.send((idx, "ok", _check(answer, reference, inner_timeout)))
-        except BaseException as e:  # noqa: BLE001 - any verifier failure is a counted 0
-            kind = "timeout" if type(e).__name__ == "TimeoutException" else "error"
-            conn.send((idx, kind, False))
-
-
 class VerifierPool:
     """Persistent worker processes with a hard per-item deadline (overrunning workers are killed and replaced)."""
 
     def __init__(self, workers: int | None = None):
         self.size = workers or os.cpu_count() or 1
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        self._ctx = mp.get_context(method)
-        if method == "forkserver":  # workers fork from a server that already imported math-verify
-            self._ctx.set_forkserver_preload(["math_verify"])
-        self._workers: list[tuple[Any, Any] | None] = [None] * self.size
+        self._workers: list[subprocess.Popen | None] = [None] * self.size
+        self._buffers = [b""] * self.size
         self._ready = [False] * self.size
         self._lock = threading.Lock()
 
     def _spawn(self, k: int) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        proc.start()
-        child.close()
-        self._workers[k] = (proc, parent)
+        # A fresh interpreter (not fork: the trainer is multi-threaded; not multiprocessing: it would re-import the
+        # trainer's __main__ in every worker).
+        self._workers[k] = subprocess.Popen(
+            [sys.executable, "-m", "lad_jax.rewards._math_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        self._buffers[k] = b""
         self._ready[k] = False
 
     def _kill(self, k: int) -> None:
-        proc, conn = self._workers[k]
+        proc = self._workers[k]
         proc.kill()
-        proc.join()
-        conn.close()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
         self._workers[k] = None
+
+    def _read(self, k: int) -> list | None:
+        """Messages now available from worker k; None when it died."""
+        chunk = os.read(self._workers[k].stdout.fileno(), 1 << 16)
+        if not chunk:
+            return None
+        self._buffers[k] += chunk
+        *lines, self._buffers[k] = self._buffers[k].split(b"\n")
+        return [json.loads(line) for line in lines]
 
     def check(self, items: Sequence[tuple[str, str]], timeout_s: float) -> list[str | bool]:
         """For each (answer, reference): True/False, or "timeout"/"error"."""
-        inner = max(1, int(timeout_s))
+        inner = max(1, int(timeout_s // 3))  # parse gold, parse answer, compare: each under math-verify's alarm
         results: list[Any] = [None] * len(items)
         with self._lock:
             queue = list(range(len(items)))[::-1]
             busy: dict[int, tuple[int, float]] = {}  # worker -> (item, deadline)
             starting: dict[int, float] = {}  # worker -> deadline for its import (not charged to any item)
+            failed_starts = 0
             while queue or busy:
                 for k in range(self.size):
                     if self._workers[k] is None and queue:
                         self._spawn(k)
                         starting[k] = time.monotonic() + _START_TIMEOUT_S
-                    if queue and self._ready[k] and k not in busy and self._workers[k] is not None:
+                    if queue and self._ready[k] and k not in busy:
                         i = queue.pop()
-                        self._workers[k][1].send((i, items[i][0], items[i][1], inner))
-                        busy[k] = (i, time.monotonic() + timeout_s)
+                        try:
+                            self._workers[k].stdin.write(json.dumps([i, *items[i], inner]).encode() + b"\n")
+                            self._workers[k].stdin.flush()
+                            busy[k] = (i, time.monotonic() + timeout_s)
+                        except BrokenPipeError:
+                            queue.append(i)
+                            self._kill(k)
                 if not busy and not starting:
-                    raise RuntimeError("math verifier pool could not start any worker")
-                conns = {self._workers[k][1]: k for k in (*busy, *starting)}
+                    continue
+                files = {self._workers[k].stdout: k for k in (*busy, *starting)}
                 next_deadline = min([d for _, d in busy.values()] + list(starting.values()))
-                for conn in wait(list(conns), timeout=max(0.0, next_deadline - time.monotonic())):
-                    k = conns[conn]
-                    try:
-                        msg = conn.recv()
-                    except (EOFError, OSError):
-                        msg = None
-                    if msg == "ready":
-                        self._ready[k] = True
-                        del starting[k]
-                        continue
-                    if msg is None:  # worker died
-                        if k in busy:
+                for f in wait(list(files), timeout=max(0.0, next_deadline - time.monotonic())):
+                    k = files[f]
+                    messages = self._read(k)
+                    if messages is None:  # the worker died
+                        if k in starting:
+                            failed_starts += 1
+                            if failed_starts > 2 * self.size:
+                                raise RuntimeError("math verifier workers die on start; is math-verify installed? "
+                                                   "try: python -m lad_jax.rewards._math_worker")
+                        elif k in busy:
                             results[busy[k][0]] = "error"
                         self._kill(k)
-                    else:
-                        i, kind, ok = msg
-                        results[i] = ok if kind == "ok" else kind
-                    busy.pop(k, None)
-                    starting.pop(k, None)
+                        busy.pop(k, None)
+                        starting.pop(k, None)
+                        continue
+                    for msg in messages:
+                        if msg == "ready":
+                            self._ready[k] = True
+                            starting.pop(k, None)
+                        elif k in busy and msg[0] == busy[k][0]:
+                            results[msg[0]] = msg[2] if msg[1] == "ok" else msg[1]
+                            del busy[k]
                 now = time.monotonic()
                 for k, (i, deadline) in list(busy.items()):
                     if now >= deadline:
@@ -170,6 +148,7 @@ def get_pool(workers: int | None = None) -> VerifierPool:
             if _POOL is not None:
                 _POOL.close()
             _POOL = VerifierPool(workers)
+            atexit.register(_POOL.close)
         return _POOL
 
 

@@ -1,0 +1,49 @@
+"""Loading HF tokenizer directories (tokenizer.json / chat template) and rendering chat prompts."""
+from __future__ import annotations
+
+import os
+
+
+def load_tokenizer(path_or_repo_id: str, *, chat_template: str | None = None, padding_side: str = "left"):
+    """An HF fast tokenizer from a local directory (no network) or a hub repo id (cache / offline respected).
+
+    `chat_template` overrides the directory's template (a jinja string, or a path to a .jinja file). Padding is on
+    the left by default because prompts are left-padded for generation.
+    """
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path_or_repo_id) and os.path.exists(path_or_repo_id):
+        raise ValueError(f"{path_or_repo_id!r} is a file; pass the tokenizer directory")
+    tok = AutoTokenizer.from_pretrained(path_or_repo_id, padding_side=padding_side)
+    if chat_template is not None:
+        if os.path.isfile(chat_template):
+            with open(chat_template) as f:
+                chat_template = f.read()
+        tok.chat_template = chat_template
+    if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer {path_or_repo_id!r} defines neither pad_token nor eos_token; "
+                             "set pad_token in tokenizer_config.json")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def apply_chat_template(tokenizer, messages: list[dict] | str, *, system: str | None = None,
+                        add_generation_prompt: bool = True, tokenize: bool = False, **template_kwargs):
+    """Render `messages` (or a single user string) with the tokenizer's chat template.
+
+    Returns the prompt string, or a list of token ids with `tokenize=True`. Raises if the tokenizer has no template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat_template; pass chat_template= to load_tokenizer or use a raw "
+                         "prompt format")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + list(messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **template_kwargs)
+    if not tokenize:
+        return text
+    # The template already contains any BOS / special tokens it wants.
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,39 @@
+"""`python -m lad_jax.train [--config configs/NAME.yaml] [key.sub=value ...]`: the LAD trainer entry point.
+
+With no arguments it runs configs/default.yaml (the built-in "number with property P" experiment). Re-running the
+same command resumes from the run directory's latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lad_jax.config import ConfigError, load_config
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m lad_jax.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
+    parser.add_argument("--init_from", default=None, help="HF checkpoint dir (same as init_from=...)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. algorithm.loss=grpo")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides = list(args.overrides) + ([f"init_from={args.init_from}"] if args.init_from else [])
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    from lad_jax.trainer import Trainer
+
+    try:
+        trainer = Trainer(config)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Trainer set-up: distributed start, mesh, task files, tokenizer, model, reward, data loader, train state.
+
+Everything here runs once before the loop; `build(config)` returns a `Setup` holding the pieces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lad_jax import train_step as ts
+from lad_jax.config import Config, ConfigError, check_devices, save_config
+from lad_jax.sharding import make_mesh
+
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
+                     "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def wants_distributed(mode: str, env=os.environ) -> bool:
+    """mesh.distributed: on / off, or auto = the environment names a multi-process job."""
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    if env.get("SLURM_NTASKS") and int(env["SLURM_NTASKS"]) <= 1:
+        return False
+    if env.get("OMPI_COMM_WORLD_SIZE") and int(env["OMPI_COMM_WORLD_SIZE"]) <= 1:
+        return False
+    hosts = env.get("TPU_WORKER_HOSTNAMES")
+    if hosts is not None and len(hosts.split(",")) <= 1:
+        return False
+    return any(env.get(k) for k in _MULTIPROCESS_ENV)
+
+
+def maybe_initialize_distributed(mode: str) -> None:
+    if wants_distributed(mode) and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+@dataclasses.dataclass
+class Setup:
+    config: Config
+    mesh: Any
+    tokenizer: Any
+    graphdef: Any
+    model_config: Any
+    params: Any  # initial params (pure dict, sharded)
+    reward_fn: Callable
+    train_files: tuple[str, ...]
+    eval_files: tuple[str, ...]
+    tx: Any
+    schedule: Callable
+    shardings: dict
+    stop_ids: tuple[int, ...]
+
+
+def task_files(c: Config) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
+    """(train files, eval files, tokenizer dir) — generated into the run dir for the built-in task."""
+    if c.task.name == "numbers":
+        from lad_jax.tasks import numbers
+
+        data_dir = os.path.join(c.run_dir, "data")
+        train, evalf = numbers.write_data(data_dir, num_train=c.task.num_train_prompts,
+                                          num_eval=c.task.num_eval_prompts, seed=c.seed)
+        tok_dir = os.path.join(c.run_dir, "tokenizer")
+        numbers.build_tokenizer(tok_dir)
+        return (c.data.train_files or (train,)), (c.data.eval_files or (evalf,)), c.model.tokenizer or tok_dir
+    return c.data.train_files, c.data.eval_files, c.model.tokenizer or c.init_from
+
+
+def reward_specs(c: Config) -> list[tuple[str, float, dict]]:
+    specs = []
+    for i, spec in enumerate(c.reward.functions):
+        unknown = set(spec) - {"name", "weight", "kwargs"}
+        if unknown:
+            raise ConfigError(f"reward.functions[{i}] has unknown keys {sorted(unknown)}; use name, weight, kwargs")
+        specs.append((str(spec["name"]), float(spec.get("weight", 1.0)), dict(spec.get("kwargs") or {})))
+    if not specs and c.task.name == "numbers":
+        specs = [("lad_jax.tasks.numbers:reward_fn", 1.0, {})]
+    return specs
+
+
+def build_model(c: Config, tokenizer, mesh):
+    from lad_jax.models import ModelConfig, create_model, from_pretrained
+
+    m = c.model
+    if c.init_from is not None:
+        model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but init_from's vocab_size is "
+                              f"{model.config.vocab_size}; use the checkpoint's own tokenizer (model.tokenizer)")
+        return model
+    cfg = ModelConfig(model_type=m.model_type, vocab_size=len(tokenizer), hidden_size=m.hidden_size,
+                      intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
+                      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
+                      qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
+                      eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
+                      param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    return create_model(cfg, seed=c.seed, mesh=mesh)
+
+
+def train_objects(c: Config, model, mesh):
+    """(graphdef, params pure dict, optax tx, lr schedule, train-state shardings) for `model` on `mesh`."""
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    params_sh = ts.param_shardings(state, mesh)
+    schedule = ts.make_schedule(c)
+    tx = ts.make_optimizer(c, schedule)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return graphdef, params, tx, schedule, ts.train_state_shardings(tx, abstract, params_sh, mesh)
+
+
+def build(c: Config) -> Setup:
+    maybe_initialize_distributed(c.mesh.distributed)
+    shape = check_devices(c, jax.device_count())
+    if c.rollout.prompts_per_step % jax.process_count():
+        raise ConfigError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be divisible by the "
+                          f"{jax.process_count()} processes (each host loads its own prompts)")
+    mesh = make_mesh(*shape)
+    os.makedirs(c.run_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(c, os.path.join(c.run_dir, "config.yaml"))
+    train_files, eval_files, tok_path = task_files(c)
+    from lad_jax.rewards import build_reward_fn
+    from lad_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    from lad_jax.experience import prompt_bucket
+
+    bucket = prompt_bucket(c)
+    model = build_model(c, tokenizer, mesh)
+    limit = model.config.max_position_embeddings
+    if bucket + c.rollout.max_new_tokens > limit:
+        raise ConfigError(f"data.max_prompt_tokens (bucketed to {bucket}) + rollout.max_new_tokens="
+                          f"{c.rollout.max_new_tokens} exceeds the model's max_position_embeddings={limit}")
+    graphdef, params, tx, schedule, shardings = train_objects(c, model, mesh)
+    stop = tuple(model.config.eos_token_ids) or (tokenizer.eos_token_id,)
+    return Setup(c, mesh, tokenizer, graphdef, model.config, params, build_reward_fn(reward_specs(c)),
+                 tuple(train_files), tuple(eval_files), tx, schedule, shardings, tuple(int(s) for s in stop))
+
+
+def make_loader(s: Setup):
+    from lad_jax.data import PromptLoader, load_rows
+
+    c = s.config
+    rows, stats = load_rows(list(s.train_files), prompt_field=c.data.prompt_field, answer_field=c.data.answer_field,
+                            extra_fields=c.data.extra_fields, on_bad_row=c.data.on_bad_row)
+    return PromptLoader(rows, tokenizer=s.tokenizer, batch_size=c.rollout.prompts_per_step // jax.process_count(),
+                        seed=c.seed, max_prompt_tokens=c.data.max_prompt_tokens,
+                        use_chat_template=c.data.use_chat_template, num_epochs=c.data.num_epochs,
+                        system_prompt=c.data.system_prompt, load_stats=stats)
+
+
+def eval_rows(s: Setup) -> list[dict]:
+    from lad_jax.data import load_rows
+
+    c = s.config
+    if not s.eval_files:
+        return []
+    rows, _ = load_rows(list(s.eval_files), prompt_field=c.data.prompt_field, answer_field=c.data.answer_field,
+                        extra_fields=c.data.extra_fields, on_bad_row=c.data.on_bad_row)
+    return rows[: c.eval.max_prompts]
+
+
+def step_key(seed: int, step: int):
+    """The rollout RNG of `step`: a pure function of (seed, step), so a resumed run draws the same samples."""
+    return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def shuffle_rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, 0x5EED])

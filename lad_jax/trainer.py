@@ -1,0 +1,216 @@
+"""The RL loop: rollout -> rewards -> advantages -> mu passes of minibatch updates -> metrics -> checkpoint.
+
+Resume is exact: the rollout RNG and the minibatch shuffle are pure functions of (seed, step), and a checkpoint
+holds params, optimizer state, step, the data-iterator position and the run's pre-training eval, so re-running
+the same command continues where the last checkpoint left off and reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from lad_jax import experience, sampler
+from lad_jax import train_setup as setup_lib
+from lad_jax.checkpoint import CheckpointManager, install_preemption_handler
+from lad_jax.config import Config
+from lad_jax.metrics_log import DeferredMetrics, MetricsWriter
+from lad_jax.train_step import TrainStep, init_train_state, make_logprob_fn
+
+_NEVER = 10**9
+
+
+class Trainer:
+    def __init__(self, config: Config, *, log=functools.partial(print, flush=True)):
+        self.c = config
+        self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+        self.s = setup_lib.build(config)
+        s = self.s
+        self.step_fn = TrainStep(config, s.graphdef, s.tx, s.schedule, s.mesh, s.shardings)
+        self.recompute = None
+        if config.rollout.old_logprobs == "recompute":
+            fn = make_logprob_fn(s.graphdef, s.mesh, s.shardings["params"], config.rollout.temperature,
+                                 config.model.logprob_chunk_size)
+            self.recompute = lambda *arrays: fn(self.state["params"], *arrays)
+        self.ckpt = CheckpointManager(config.checkpoint_dir, save_every=config.checkpoint.every or _NEVER,
+                                      keep_last=config.checkpoint.keep)
+        self.loader = setup_lib.make_loader(s)
+        self.eval_rows = setup_lib.eval_rows(s) if config.eval.enabled else []
+        self.state = None
+        self.eval_before: dict[str, float] | None = None
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def policy(self):
+        """An nnx model view of the current params (no copy): sampling and training share the arrays."""
+        return nnx.merge(self.s.graphdef, self.state["params"])
+
+    def _abstract_state(self):
+        shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.s.tx.init(p),
+                                           "step": jax.numpy.zeros((), jax.numpy.int32)}, self.s.params)
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes,
+                            self.s.shardings)
+
+    def _restore_or_init(self) -> int:
+        c = self.c
+        restored = self.ckpt.restore_latest(self._abstract_state()) if c.checkpoint.resume else None
+        if restored is not None:
+            step, self.state, meta = restored
+            self.loader.set_state(meta["data"])
+            self.eval_before = meta.get("eval_before")
+            self.log(f"resumed from {c.checkpoint_dir} at step {step}")
+            return int(step)
+        params = self.s.params
+        if c.task.name == "numbers" and c.task.sft_steps > 0:
+            from lad_jax.tasks import sft
+
+            t0 = time.perf_counter()
+            params, loss = sft.warm_start(self.s.graphdef, params, self.s.tokenizer, steps=c.task.sft_steps,
+                                          batch_size=c.task.sft_batch_size, lr=c.task.sft_lr,
+                                          correct_fraction=c.task.sft_correct_fraction, seed=c.seed, log=self.log)
+            self.log(f"warm-start done in {time.perf_counter() - t0:.1f}s (loss {loss:.3f})")
+        self.state = init_train_state(self.s.tx, params, self.s.shardings)
+        return 0
+
+    def _meta(self) -> dict[str, Any]:
+        return {"data": self.loader.get_state(), "eval_before": self.eval_before, "config": self.c.to_dict()}
+
+    # ---- eval ------------------------------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, float]:
+        from lad_jax.evaluate import evaluate_policy
+
+        c = self.c
+        if not self.eval_rows:
+            return {}
+        k = c.eval.num_samples
+        summary, samples = evaluate_policy(
+            self.policy(), self.s.tokenizer, self.eval_rows, self.s.reward_fn, num_samples=k,
+            max_new_tokens=c.rollout.max_new_tokens, temperature=c.eval.temperature, seed=c.seed + 1,
+            use_chat_template=c.data.use_chat_template, system_prompt=c.data.system_prompt,
+            prompts_per_batch=min(len(self.eval_rows), 64), stop_token_ids=self.s.stop_ids,
+            pad_id=self.s.tokenizer.pad_token_id, ks=(1, k), ngram=c.eval.ngram,
+            correct_threshold=c.reward.correct_threshold, mesh=self.s.mesh)
+        if jax.process_index() == 0:
+            with open(os.path.join(c.run_dir, f"eval_step{step}.json"), "w") as fh:
+                json.dump({"step": step, "summary": summary, "samples": samples[:8]}, fh, indent=1)
+        return summary
+
+    # ---- loop ------------------------------------------------------------------------------------------
+    def train_one(self, step: int) -> dict[str, float]:
+        """One RL step; returns host metrics of the rollout (train metrics arrive one step late)."""
+        c = self.c
+        rows = next(self.loader)
+        t0 = time.perf_counter()
+        exp = experience.collect(c, self.policy(), rows, self.s.tokenizer, self.s.reward_fn,
+                                 key=setup_lib.step_key(c.seed, step), mesh=self.s.mesh, stop_ids=self.s.stop_ids,
+                                 recompute=self.recompute)
+        t1 = time.perf_counter()
+        updates = 0
+        train_metrics = []
+        for mb in experience.minibatches(c, exp, setup_lib.shuffle_rng(c.seed, step)):
+            batch = {k: jax.make_array_from_process_local_data(self.step_fn.batch_shardings[k], v)
+                     for k, v in mb.items()}
+            self.state, m = self.step_fn(self.state, batch)
+            train_metrics.append(m)
+            updates += 1
+        if train_metrics:
+            train = {k: float(np.mean([jax.device_get(m[k]) for m in train_metrics])) for k in train_metrics[0]}
+        else:
+            train = {}
+        t2 = time.perf_counter()
+        metrics = dict(exp.metrics)
+        metrics.update(train)
+        total_tokens = float(sum(int(np.sum(mb_valid)) for mb_valid in [exp.arrays["valid_bt"]])) * c.algorithm.mu
+        metrics.update({
+            "time/rollout_s": t1 - t0,
+            "time/train_s": t2 - t1,
+            "time/step_s": t2 - t0,
+            "train/updates": float(updates),
+            "throughput/train_tokens_per_s": total_tokens / max(t2 - t1, 1e-9),
+            "throughput/generated_tokens_per_s": metrics["tokens/generated"] / max(metrics["time/generate_s"], 1e-9),
+            "compiles/train_step": float(self.step_fn.compiles),
+            "compiles/sampler": float(sum(sampler.compile_counts().values())),
+        })
+        return metrics
+
+    def run(self) -> dict[str, Any]:
+        c = self.c
+        start = self._restore_or_init()
+        preempt = install_preemption_handler()
+        writer = MetricsWriter(c.run_dir, tensorboard=c.logging.tensorboard) if jax.process_index() == 0 else None
+        if self.eval_before is None and c.eval.at_start and self.eval_rows:
+            self.eval_before = self.evaluate(start)
+            self._log_eval("before RL", self.eval_before)
+        bar = None
+        if c.logging.progress_bar and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.steps, initial=start, desc=f"{c.algorithm.loss} {c.run_name}", dynamic_ncols=True)
+        t_start = time.perf_counter()
+        step = start
+        stopped_early = False
+        try:
+            while step < c.steps:
+                metrics = self.train_one(step)
+                step += 1
+                if c.eval.every and step % c.eval.every == 0 and step < c.steps:
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate(step).items()})
+                if writer is not None:
+                    writer.write(step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
+                                    distinct=f"{metrics['rollout/distinct_frac']:.2f}")
+                self.ckpt.save(step, self.state, meta=self._meta())
+                if preempt.is_set():
+                    self.log(f"SIGTERM: saving step {step} and exiting")
+                    self.ckpt.save(step, self.state, meta=self._meta(), force=True)
+                    stopped_early = True
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            preempt.uninstall()
+        if not stopped_early and step > start:
+            self.ckpt.save(step, self.state, meta=self._meta(), force=True)
+        self.ckpt.wait()
+        if stopped_early:
+            self.ckpt.close()
+            if writer is not None:
+                writer.close()
+            return {"stopped_at": step}
+        summary = self._finish(step, time.perf_counter() - t_start, writer)
+        self.ckpt.close()
+        return summary
+
+    def _finish(self, step: int, seconds: float, writer) -> dict[str, Any]:
+        c = self.c
+        after = self.evaluate(step) if self.eval_rows else {}
+        if writer is not None:
+            writer.write(step, {f"eval/{k}": v for k, v in after.items()})
+            writer.close()
+        if c.checkpoint.export_hf and jax.process_index() == 0:
+            from lad_jax.models import save_pretrained
+
+            export = os.path.join(c.run_dir, "hf_export")
+            save_pretrained(self.policy(), export)
+            self.s.tokenizer.save_pretrained(export)
+        summary = {"steps": step, "rl_seconds": seconds, "eval_before": self.eval_before, "eval_after": after,
+                   "compiles_train_step": self.step_fn.compiles}
+        if jax.process_index() == 0:
+            with open(os.path.join(c.run_dir, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+        self._log_eval("after RL", after)
+        return summary
+
+    def _log_eval(self, label: str, ev: dict[str, float] | None) -> None:
+        if not ev:
+            return
+        k = self.c.eval.num_samples
+        self.log(f"[{label}] accuracy (avg@{k}) {ev[f'avg@{k}']:.3f} | pass@{k} {ev[f'pass@{k}']:.3f} | "
+                 f"distinct correct answers per prompt {ev['distinct_correct_per_prompt']:.1f} of {k} samples")

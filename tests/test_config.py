@@ -1,0 +1,79 @@
+"""Config loading and validation: every bad input fails at start-up with the key named."""
+import pytest
+
+from lad_jax.config import Config, ConfigError, check_devices, load_config, resolve_config_path, save_config
+
+
+def _err(overrides, num_devices=8, path="configs/tiny_test.yaml"):
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, overrides, num_devices=num_devices)
+    return str(exc.value)
+
+
+def test_default_and_tiny_configs_load():
+    c = load_config(num_devices=1)
+    assert isinstance(c, Config) and c.task.name == "numbers" and c.algorithm.loss == "lad"
+    assert c.algorithm.divergence == "js" and c.algorithm.eta == 0.25
+    t = load_config("configs/tiny_test.yaml", ["algorithm.loss=grpo", "optimizer.lr=1e-4", "seed=3"])
+    assert t.algorithm.loss == "grpo" and t.optimizer.lr == 1e-4 and t.seed == 3
+    assert resolve_config_path(None).name == "default.yaml"
+
+
+def test_unknown_key_is_named():
+    assert "algorithm.bogus" in _err(["algorithm.bogus=1"])
+    assert "'nosuch'" in _err(["nosuch.key=1"])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("rollout:\n  num_samplez: 4\n")
+    with pytest.raises(ConfigError, match="rollout.num_samplez"):
+        load_config(p)
+
+
+def test_wrong_type_is_named():
+    assert "algorithm.mu" in _err(["algorithm.mu=two"])
+    assert "optimizer.lr" in _err(["optimizer.lr=fast"])
+    assert "logging.tensorboard" in _err(["logging.tensorboard=3"])
+
+
+def test_eta_must_be_positive():
+    msg = _err(["algorithm.eta=0"])
+    assert "algorithm.eta" in msg and "> 0" in msg
+    assert "algorithm.eta" in _err(["algorithm.eta=-1"])
+
+
+def test_unknown_names():
+    assert "algorithm.loss" in _err(["algorithm.loss=ppo"])
+    assert "algorithm.divergence" in _err(["algorithm.divergence=wasserstein"])
+    assert "rollout.old_logprobs" in _err(["rollout.old_logprobs=cache"])
+
+
+def test_divisibility():
+    msg = _err(["algorithm.minibatch_size=12"])  # 8 prompts x 4 samples = 32
+    assert "algorithm.minibatch_size" in msg and "32" in msg
+    assert "algorithm.micro_batch_size" in _err(["algorithm.micro_batch_size=3", "algorithm.minibatch_size=16"])
+
+
+def test_mesh_vs_device_count():
+    msg = _err(["mesh.data=3", "mesh.fsdp=1"], num_devices=8)
+    assert "mesh.data*mesh.fsdp*mesh.tensor" in msg
+    assert "mesh" in _err(["mesh.data=3"], num_devices=8)
+    c = load_config("configs/tiny_test.yaml", ["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"])
+    assert check_devices(c, 8) == (2, 2, 2)
+
+
+def test_batch_vs_data_axes():
+    msg = _err(["mesh.data=8", "mesh.fsdp=1", "algorithm.micro_batch_size=4", "algorithm.minibatch_size=16"])
+    assert "algorithm.micro_batch_size" in msg and "mesh.data*mesh.fsdp=8" in msg
+
+
+def test_arch_vs_init_from():
+    assert "model.model_type" in _err(["init_from=/some/ckpt"])
+    assert "model.num_layers" in _err(["model.num_layers=null"])
+
+
+def test_resolved_config_roundtrip(tmp_path):
+    c = load_config("configs/tiny_test.yaml", ["algorithm.loss=grpo"])
+    save_config(c, str(tmp_path / "config.yaml"))
+    assert load_config(tmp_path / "config.yaml") == c
