@@ -62,7 +62,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         raise DataError("no data paths given; set the data file path(s)")
     files: list[str] = []
     for pattern in paths:
-        fs, _, _ = fsspec.core.get_fs_token_paths(pattern)
+        fs, _ = fsspec.core.url_to_fs(pattern)
         if any(ch in pattern for ch in "*?["):
             matches = sorted(fs.glob(pattern))
             if not matches:

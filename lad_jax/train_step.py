@@ -148,7 +148,7 @@ class TrainStep:
             ntok = jnp.maximum(jnp.sum(ntok_m), 1.0)
             metrics = {f"train/{k}": v / ntok for k, v in wsum.items()}
             metrics["train/loss"] = num / den
-            metrics["train/grad_norm"] = optax.global_norm(grads)
+            metrics["train/grad_norm"] = optax.tree.norm(grads)
             metrics["train/lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,

@@ -74,6 +74,7 @@ class Trainer:
                                           batch_size=c.task.sft_batch_size, lr=c.task.sft_lr,
                                           correct_fraction=c.task.sft_correct_fraction, seed=c.seed, log=self.log)
             self.log(f"warm-start done in {time.perf_counter() - t0:.1f}s (loss {loss:.3f})")
+        params = jax.device_put(params, self.s.shardings["params"])
         self.state = init_train_state(self.s.tx, params, self.s.shardings)
         return 0
 
@@ -192,7 +193,8 @@ class Trainer:
         c = self.c
         after = self.evaluate(step) if self.eval_rows else {}
         if writer is not None:
-            writer.write(step, {f"eval/{k}": v for k, v in after.items()})
+            if after:
+                writer.write(step, {f"eval/{k}": v for k, v in after.items()})
             writer.close()
         if c.checkpoint.export_hf and jax.process_index() == 0:
             from lad_jax.models import save_pretrained

@@ -8,9 +8,16 @@ import uuid
 import numpy as np
 import pytest
 
-from lad_jax.rewards import SandboxLimits, code_reward, code_reward_batch, normalize_tests, run_program
+from lad_jax.rewards import SandboxLimits, code_reward, code_reward_batch, normalize_tests, run_program, run_tests
 
 FAST = SandboxLimits(timeout_s=2.0, total_timeout_s=20.0, max_output_bytes=1 << 16)
+# Containment relies on dropping root to a private uid (CI runs as root); without root only rlimits apply.
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="sandbox isolation needs root (CI runs as root)")
+
+
+@pytest.fixture(scope="module")
+def isolation():
+    return run_tests("", [{"kind": "stdin", "input": ""}], FAST).isolation
 
 
 def block(src: str) -> str:
@@ -31,7 +38,8 @@ ADD = "def add(a, b):\n    return a + b"
 ADD_BAD = "def add(a, b):\n    return a * b"
 SUMN = "import sys\ndata = sys.stdin.buffer.read().split()\nprint(sum(map(int, data[1:])))"
 SUMN_BAD = "n = int(input())\nprint(n)"
-SCALE = "class Solution:\n    def scale(self, nums: List[int], k: int) -> List[int]:\n        return [x * k for x in nums]"
+SCALE = ("class Solution:\n    def scale(self, nums: List[int], k: int) -> List[int]:\n"  # List: from the prelude
+         "        return [x * k for x in nums]")
 SCALE_BAD = "class Solution:\n    def scale(self, nums, k):\n        return [x + k for x in nums]"
 
 
@@ -68,8 +76,22 @@ def test_bad_tests_are_clear_errors():
         normalize_tests([{"input": "1", "output": "1", "testtype": "functional"}])
     with pytest.raises(ValueError, match="JSON"):
         normalize_tests("{not json")
+    with pytest.raises(ValueError, match="empty"):
+        normalize_tests({"inputs": [], "outputs": []})
+    with pytest.raises(ValueError, match="unknown keys"):
+        code_reward(block(SUM2), APPS_STDIN, limits={"timeout": 1})
+    assert code_reward(block(SUM2), APPS_STDIN, limits={"timeout_s": 3.0}) == 1.0
 
 
+@needs_root
+def test_isolation_in_effect(isolation):
+    assert isolation["uid"] != 0 and isolation["no_new_privs"] is True
+    # namespaces: reported so a platform without them (e.g. a container without CAP_SYS_ADMIN) is visible
+    assert {k: isolation.get(k) for k in ("net", "mount", "pid")} == {"net": True, "mount": True, "pid": True}, \
+        isolation
+
+
+@needs_root
 def test_hostile_programs_score_zero_and_stay_contained(monkeypatch):
     secret = "lad-secret-" + uuid.uuid4().hex
     monkeypatch.setenv("LAD_TEST_SECRET", secret)
@@ -109,10 +131,12 @@ def test_hostile_programs_score_zero_and_stay_contained(monkeypatch):
     assert metrics["code/timeouts"] >= 2 and metrics["code/output_limit"] == 1
 
 
+@needs_root
 def test_sandbox_limits_are_enforced():
     """Direct probes of each mechanism (these would print other values if a limit were missing)."""
     forks = run_program("import os, time\nn = 0\nfor _ in range(300):\n    try:\n        pid = os.fork()\n"
-                        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n        os._exit(0)\n"
+                        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(60)\n"
+                        "        os._exit(0)\n"
                         "    n += 1\nprint(n, flush=True)\nos._exit(0)",
                         limits=SandboxLimits(timeout_s=2.0, max_processes=16))
     assert int(forks.stdout.split()[0]) < 16  # RLIMIT_NPROC holds (root would be exempt: we dropped privileges)

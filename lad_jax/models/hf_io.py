@@ -58,6 +58,10 @@ def param_mappings(c: ModelConfig) -> dict[str, Mapping]:
     return {k: v for k, v in m.items() if k in names}
 
 
+def _hf_shape(mp: Mapping) -> tuple[int, ...]:
+    return tuple(math.prod(mp.inter_shape[i] for i in g) for g in mp.groups)
+
+
 def _read_slice(arr: np.ndarray, mp: Mapping, my_index: tuple[slice, ...], my_shape: tuple[int, ...]) -> np.ndarray:
     """Read only the part of HF tensor `arr` that becomes `ours[my_index]`."""
     inter = [slice(None)] * len(mp.inter_shape)
@@ -132,11 +136,10 @@ def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float
         if missing:
             raise ValueError(f"checkpoint {directory} is missing tensors {missing[:3]} required by config.json "
                              f"(model_type={config.model_type}, tie_word_embeddings={config.tie_word_embeddings})")
+        want = _hf_shape(mp)
         for k in keys:
-            want = tuple(mappings[name].inter_shape)
-            got = files.shape(k)
-            if math.prod(got) != math.prod(want):
-                raise ValueError(f"tensor {k} has shape {got}, config.json implies {want}")
+            if files.shape(k) != want:
+                raise ValueError(f"tensor {k} has shape {files.shape(k)}, config.json implies {want}")
         needed.update(keys)
     ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
     unexpected = [k for k in files.keys() if k not in needed and k not in ignorable and "rotary_emb" not in k]
@@ -181,11 +184,16 @@ def hf_tensors(model: Transformer, dtype=None):
     config = model.config
     stacked_names = set(block_param_specs(config))
     for name, mp in param_mappings(config).items():
-        value = np.asarray(jax.device_get(getattr(model.blocks if name in stacked_names else model, name)[...]))
+        value = getattr(model.blocks if name in stacked_names else model, name)[...]
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            value = multihost_utils.process_allgather(value, tiled=True)
+        value = np.asarray(jax.device_get(value))
         if dtype is not None:
             value = value.astype(dtype)
         inv = tuple(np.argsort(mp.perm))
-        hf_shape = tuple(math.prod(mp.inter_shape[i] for i in g) for g in mp.groups)
+        hf_shape = _hf_shape(mp)
         if name in stacked_names:
             for i in range(config.num_layers):
                 yield mp.hf_name.format(i=i), np.transpose(value[i], inv).reshape(hf_shape)

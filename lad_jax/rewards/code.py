@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -44,6 +44,14 @@ def _text(value: Any) -> str:
 
 def normalize_tests(tests: Any, fn_name: str | None = None) -> list[CodeTest]:
     """Convert either test convention (or its JSON string) into CodeTest records; errors name the bad field."""
+    cases = _normalize(tests, fn_name)
+    if not cases:
+        raise ValueError("code tests: the test set is empty (a program cannot be verified without tests; filter "
+                         "such rows out of the dataset)")
+    return cases
+
+
+def _normalize(tests: Any, fn_name: str | None) -> list[CodeTest]:
     if isinstance(tests, (str, bytes)):
         try:
             tests = json.loads(tests)
@@ -139,15 +147,22 @@ def outputs_match(test: CodeTest, run: TestRun, float_tol: float | None = None) 
 def code_reward_batch(completions: Sequence[str], tests: Sequence[Any], *, fraction: bool = False,
                       float_tol: float | None = None, fn_names: Sequence[str | None] | None = None,
                       languages: tuple[str, ...] | None = ("python", "py", "python3"),
-                      allow_untagged: bool = False, limits: SandboxLimits = SandboxLimits(),
+                      allow_untagged: bool = False, limits: SandboxLimits | Mapping[str, Any] = SandboxLimits(),
                       workers: int | None = None) -> tuple[np.ndarray, dict[str, float]]:
-    """Rewards [N] float32: 1 when every test passes (or the passed fraction when `fraction`), else 0."""
+    """Rewards [N] float32: 1 when every test passes (or the passed fraction when `fraction`), else 0.
+    `limits` may be a SandboxLimits or a mapping of its fields (as written in a config)."""
+    if not isinstance(limits, SandboxLimits):
+        unknown = set(limits) - {f.name for f in dataclasses.fields(SandboxLimits)}
+        if unknown:
+            raise ValueError(f"code reward limits: unknown keys {sorted(unknown)}; valid: "
+                             f"{[f.name for f in dataclasses.fields(SandboxLimits)]}")
+        limits = SandboxLimits(**limits)
     if len(completions) != len(tests):
         raise ValueError(f"code_reward_batch: {len(completions)} completions but {len(tests)} test sets")
     start = time.monotonic()
     cases = [normalize_tests(t, None if fn_names is None else fn_names[i]) for i, t in enumerate(tests)]
     programs = [last_code_block(c, languages, allow_untagged) for c in completions]
-    todo = [i for i, p in enumerate(programs) if p is not None and cases[i]]
+    todo = [i for i, p in enumerate(programs) if p is not None]
     passed = np.zeros(len(completions), np.int64)
 
     def on_result(j: int, k: int, run: TestRun) -> bool:
@@ -164,8 +179,7 @@ def code_reward_batch(completions: Sequence[str], tests: Sequence[Any], *, fract
     n = max(len(completions), 1)
     metrics = {
         "code/reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
-        "code/all_passed_frac": float(sum(passed[i] == len(cases[i]) and len(cases[i]) > 0
-                                          for i in range(len(completions))) / n),
+        "code/all_passed_frac": float(sum(passed[i] == len(cases[i]) for i in todo) / n),
         "code/program_found_frac": float(sum(p is not None for p in programs) / n),
         "code/test_runs": float(sum(s != "not_run" for s in statuses)),
         "code/timeouts": float(statuses.count("timeout")),

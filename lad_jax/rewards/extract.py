@@ -4,29 +4,33 @@ from __future__ import annotations
 import re
 
 _BOXED = ("\\boxed", "\\fbox")
-_ANSWER_LINE = re.compile(r"(?im)^\W*answer\s*:\s*(.+?)\s*$")
+_ANSWER_LINE = re.compile(r"(?im)^[^\w\n]*answer[ \t]*:(.*)$")
+_BOXED_SPACE = re.compile(r" +([^\s$]+)")
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` / `\\fbox{...}` (nested braces balanced), or `\\boxed 5`; None if absent."""
-    starts = [(text.rfind(cmd), cmd) for cmd in _BOXED]
-    pos, cmd = max(starts)
-    while pos >= 0:
+def last_boxed(text: str, max_chars: int = 10_000, max_tries: int = 8) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` (nested braces balanced), or `\\boxed 5`; None if absent.
+
+    An unbalanced occurrence is skipped for the one before it; at most `max_tries` occurrences are tried, each
+    scanned over at most `max_chars`, so adversarial text stays linear."""
+    pos, cmd = max((text.rfind(c), c) for c in _BOXED)
+    for _ in range(max_tries):
+        if pos < 0:
+            return None
         i = pos + len(cmd)
-        if i < len(text) and text[i] == "{":
+        if text.startswith("{", i):
             depth = 0
-            for j in range(i, len(text)):
+            for j in range(i, min(len(text), i + max_chars)):
                 if text[j] == "{":
                     depth += 1
                 elif text[j] == "}":
                     depth -= 1
                     if depth == 0:
                         return text[i + 1:j].strip()
-        elif i < len(text) and text[i] == " ":  # "\boxed 5": up to the next whitespace or $
-            m = re.match(r" +([^\s$]+)", text[i:])
+        elif text.startswith(" ", i):  # "\boxed 5": up to the next whitespace or $
+            m = _BOXED_SPACE.match(text, i, i + max_chars)
             if m:
                 return m.group(1)
-        # unbalanced or malformed: try the previous occurrence
         pos, cmd = max((text.rfind(c, 0, pos), c) for c in _BOXED)
     return None
 
@@ -36,7 +40,7 @@ def answer_line(text: str) -> str | None:
     matches = _ANSWER_LINE.findall(text)
     if not matches:
         return None
-    answer = matches[-1].strip().rstrip(".").strip()
+    answer = matches[-1].strip().strip("*").strip().rstrip(".").rstrip()  # also "**Answer:** 5"
     if len(answer) >= 2 and answer.startswith("$") and answer.endswith("$"):
         answer = answer.strip("$").strip()
     return answer or None

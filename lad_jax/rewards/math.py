@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math as _math
 import os
 import re
 import subprocess
@@ -19,9 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lad_jax.rewards.extract import extract_math_answer
+from lad_jax.rewards.extract import extract_math_answer, last_boxed
 
 _SPACES = re.compile(r"\s+")
+# run by path with -P so this directory (which has a math.py) is not put on the worker's sys.path
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_math_worker.py")
 _START_TIMEOUT_S = 120.0  # a worker's import of math-verify/sympy, on a loaded machine
 
 
@@ -47,7 +50,7 @@ class VerifierPool:
         # A fresh interpreter (not fork: the trainer is multi-threaded; not multiprocessing: it would re-import the
         # trainer's __main__ in every worker).
         self._workers[k] = subprocess.Popen(
-            [sys.executable, "-m", "lad_jax.rewards._math_worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-P", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, start_new_session=True)
         self._buffers[k] = b""
         self._ready[k] = False
@@ -71,7 +74,7 @@ class VerifierPool:
 
     def check(self, items: Sequence[tuple[str, str]], timeout_s: float) -> list[str | bool]:
         """For each (answer, reference): True/False, or "timeout"/"error"."""
-        inner = max(1, int(timeout_s // 3))  # parse gold, parse answer, compare: each under math-verify's alarm
+        inner = max(1, _math.ceil(timeout_s / 2))  # parse answer, compare (gold parse is cached): alarm each
         results: list[Any] = [None] * len(items)
         with self._lock:
             queue = list(range(len(items)))[::-1]
@@ -104,7 +107,7 @@ class VerifierPool:
                             failed_starts += 1
                             if failed_starts > 2 * self.size:
                                 raise RuntimeError("math verifier workers die on start; is math-verify installed? "
-                                                   "try: python -m lad_jax.rewards._math_worker")
+                                                   f"try: {sys.executable} -P {_WORKER}")
                         elif k in busy:
                             results[busy[k][0]] = "error"
                         self._kill(k)
@@ -152,6 +155,11 @@ def get_pool(workers: int | None = None) -> VerifierPool:
         return _POOL
 
 
+def _reference_answer(reference: str) -> str:
+    """A reference that is a worked solution (MATH style) is reduced to its last boxed answer."""
+    return (last_boxed(reference) or reference) if "\\boxed" in reference or "\\fbox" in reference else reference
+
+
 def overlong_penalty(num_tokens: int, max_tokens: int, buffer_tokens: int, factor: float = 1.0) -> float:
     """DAPO soft overlong punishment: 0 up to max-buffer tokens, then linear down to -factor at max, -factor past."""
     if not 0 < buffer_tokens <= max_tokens:
@@ -190,7 +198,7 @@ def math_reward_batch(completions: Sequence[str], references: Sequence[Any], *,
     for i, (answer, ref) in enumerate(zip(answers, references)):
         if answer is None:
             continue
-        refs = [str(r) for r in ref] if isinstance(ref, (list, tuple)) else [str(ref)]
+        refs = [_reference_answer(str(r)) for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
         if any(normalize_answer(answer) == normalize_answer(r) for r in refs):
             correct[i] = True
         else:

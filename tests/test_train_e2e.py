@@ -1,0 +1,56 @@
+"""A short CPU end-to-end run of the trainer (tiny model, numbers task): reward improves, nothing recompiles."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lad_jax.config import load_config
+from lad_jax.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    config = load_config("configs/tiny_test.yaml", [
+        f"output_dir={out}", "run_name=e2e", "steps=12", "task.sft_steps=40", "eval.enabled=true",
+        "eval.num_samples=8", "checkpoint.every=6", "optimizer.lr=3e-3", "logging.tensorboard=true"])
+    summary = Trainer(config, log=lambda *a, **k: None).run()
+    return config, summary
+
+
+def test_reward_improves(run):
+    config, summary = run
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["avg@8"] > before["avg@8"] + 0.05, (before, after)
+    rows = [json.loads(line) for line in open(os.path.join(config.run_dir, "metrics.jsonl"))]
+    acc = [r["rollout/accuracy"] for r in rows if "rollout/accuracy" in r]
+    assert len(acc) == 12 and np.mean(acc[-3:]) > np.mean(acc[:3])
+
+
+def test_metrics_and_no_recompilation(run):
+    config, summary = run
+    rows = [json.loads(line) for line in open(os.path.join(config.run_dir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "rollout/accuracy" in r]
+    for key in ("rollout/reward_mean", "rollout/reward_std", "rollout/zero_signal_frac", "rollout/response_len_mean",
+                "rollout/response_len_max", "rollout/clip_frac_max_tokens", "train/ratio_mean",
+                "train/above_target_frac", "train/approx_kl", "train/entropy", "train/grad_norm", "train/lr",
+                "time/generate_s", "time/reward_s", "time/train_s", "throughput/train_tokens_per_s"):
+        assert key in train_rows[-1], key
+    assert summary["compiles_train_step"] == 1
+    assert {r["compiles/train_step"] for r in train_rows} == {1.0}
+    assert len({r["compiles/sampler"] for r in train_rows[1:]}) == 1  # sampler compiled in step 1 only
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(config.run_dir))
+
+
+def test_outputs_written(run):
+    config, _ = run
+    d = config.run_dir
+    for name in ("config.yaml", "summary.json", "eval_step0.json", "eval_step12.json", "hf_export/config.json",
+                 "hf_export/model.safetensors", "hf_export/tokenizer.json", "data/train.jsonl"):
+        assert os.path.exists(os.path.join(d, name)), name
+    assert sorted(os.listdir(config.checkpoint_dir))[-1] == "12"
+    from lad_jax.models import from_pretrained
+
+    model = from_pretrained(os.path.join(d, "hf_export"))
+    assert model.config.hidden_size == config.model.hidden_size
