@@ -1,7 +1,21 @@
 """Loading HF tokenizer directories (tokenizer.json / chat template) and rendering chat prompts."""
 from __future__ import annotations
 
+import json
 import os
+
+# Classes that mean "the tokenizer.json is the whole truth". transformers 5's AutoTokenizer picks the class from
+# config.json's model_type when one sits beside the tokenizer (e.g. an hf_export of a qwen2 policy) and a class such
+# as Qwen2Tokenizer rebuilds the pre-tokenizer, which silently changes the ids of a custom tokenizer.
+_GENERIC_FAST_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _declared_class(path: str) -> str | None:
+    cfg = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(cfg):
+        return None
+    with open(cfg) as f:
+        return json.load(f).get("tokenizer_class")
 
 
 def load_tokenizer(path_or_repo_id: str, *, chat_template: str | None = None, padding_side: str = "left"):
@@ -10,11 +24,14 @@ def load_tokenizer(path_or_repo_id: str, *, chat_template: str | None = None, pa
     `chat_template` overrides the directory's template (a jinja string, or a path to a .jinja file). Padding is on
     the left by default because prompts are left-padded for generation.
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if not os.path.isdir(path_or_repo_id) and os.path.exists(path_or_repo_id):
         raise ValueError(f"{path_or_repo_id!r} is a file; pass the tokenizer directory")
-    tok = AutoTokenizer.from_pretrained(path_or_repo_id, padding_side=padding_side)
+    if os.path.isdir(path_or_repo_id) and _declared_class(path_or_repo_id) in _GENERIC_FAST_CLASSES:
+        tok = PreTrainedTokenizerFast.from_pretrained(path_or_repo_id, padding_side=padding_side)
+    else:
+        tok = AutoTokenizer.from_pretrained(path_or_repo_id, padding_side=padding_side)
     if chat_template is not None:
         if os.path.isfile(chat_template):
             with open(chat_template) as f:

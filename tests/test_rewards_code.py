@@ -131,6 +131,18 @@ def test_hostile_programs_score_zero_and_stay_contained(monkeypatch):
     assert metrics["code/timeouts"] >= 2 and metrics["code/output_limit"] == 1
 
 
+def _processes_of(uid: int) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if any(line.startswith("Uid:") and int(line.split()[1]) == uid for line in f):
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
 @needs_root
 def test_sandbox_limits_are_enforced():
     """Direct probes of each mechanism (these would print other values if a limit were missing)."""
@@ -149,5 +161,10 @@ def test_sandbox_limits_are_enforced():
     cwd = run_program("import os\nprint(os.listdir('.'), os.getuid())", limits=FAST)
     listing, uid = cwd.stdout.rsplit(" ", 1)
     assert listing == "[]" and (os.geteuid() != 0 or int(uid) != 0)  # fresh empty dir, never root
+    # a daemon that leaves the session (setsid + double fork) is still killed when the job ends
+    daemon = run_program("import os, time\nprint(os.getuid(), flush=True)\nif os.fork() == 0:\n    os.setsid()\n"
+                         "    if os.fork() == 0:\n        time.sleep(120)\n    os._exit(0)\n", limits=FAST)
+    daemon_uid = int(daemon.stdout.split()[0])
+    assert daemon_uid != 0 and not _processes_of(daemon_uid)
     ok = run_program("print(input()[::-1])", "abc\n", limits=FAST)
     assert (ok.status, ok.stdout) == ("ok", "cba\n")

@@ -48,3 +48,18 @@ def test_template_override_and_missing_template(tok_dir, tmp_path):
     tok.chat_template = None
     with pytest.raises(ValueError, match="no chat_template"):
         apply_chat_template(tok, "hi")
+
+
+def test_custom_tokenizer_beside_model_config_keeps_its_ids(tmp_path):
+    """An hf_export holds config.json (model_type qwen2) next to our own tokenizer: ids must not change."""
+    import json
+
+    from tokenizers import Regex
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<eos>": 1, "first": 2, "3": 3, "=": 4}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s+"), behavior="removed")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.encode("first 3 =", add_special_tokens=False) == [2, 3, 4]

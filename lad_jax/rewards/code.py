@@ -186,6 +186,7 @@ def code_reward_batch(completions: Sequence[str], tests: Sequence[Any], *, fract
         "code/runtime_errors": float(statuses.count("runtime_error")),
         "code/output_limit": float(statuses.count("output_limit")),
         "code/jobs_killed": float(sum(r.killed for r in results)),
+        "code/jobs_stopped_early": float(sum(r.stopped_early for r in results)),
         "code/batch_seconds": time.monotonic() - start,
     }
     return rewards, metrics

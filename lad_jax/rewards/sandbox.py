@@ -76,7 +76,8 @@ class SandboxResult:
     runs: list[TestRun]
     isolation: dict[str, Any]
     seconds: float
-    killed: bool = False  # the parent had to kill the job (total timeout, runner died, or early stop)
+    killed: bool = False  # the job ended before reporting every test (total timeout or the runner died)
+    stopped_early: bool = False  # on_result asked to stop (e.g. first failure under all-or-nothing scoring)
 
 
 def _pick_uid() -> int | None:
@@ -155,18 +156,19 @@ def run_tests(code: str, tests: Sequence[dict], limits: SandboxLimits = SandboxL
                 runs[msg["i"]] = run
                 done += 1
                 if on_result is not None and on_result(msg["i"], run) is False:
-                    stop, killed = True, done < len(runs)
+                    stop = done < len(runs)
                     break
             if len(buf) > line_cap:
                 killed = True
                 break
         sel.close()
+        killed = killed or (done < len(runs) and not stop)
     finally:
         _kill_group(proc)
-        if uid is not None and not isolation.get("pid") is True:
+        if uid is not None and isolation.get("pid") is not True:
             _kill_uid(uid)
         shutil.rmtree(workdir, ignore_errors=True)
-    return SandboxResult(runs, isolation, time.monotonic() - start, killed)
+    return SandboxResult(runs, isolation, time.monotonic() - start, killed, stop)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
