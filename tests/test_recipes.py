@@ -4,6 +4,7 @@ launch/memory_estimate.py computes for the published architectures."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import re
 from pathlib import Path
@@ -198,3 +199,19 @@ def test_memory_estimate_is_exact_for_a_tiny_model():
     shard_elems = sum(math.prod(sh.shard_shape(x.shape)) for sh, x in zip(jax.tree.leaves(shardings), leaves))
     assert shard_elems < params / 4  # most of the model is split 8 ways
     assert e["train_state_per_chip"] == 16 * shard_elems  # fp32 params, grads, Adam m and v
+
+
+def test_memory_estimate_command_line(tmp_path, capsys):
+    hf_path = tmp_path / "config.json"
+    hf_path.write_text(json.dumps(HF_CONFIGS["Qwen/Qwen2.5-7B"]))
+    module = _memory_estimate()
+    recipe = str(REPO / "configs" / "qwen2.5-7b_dapo_lad.yaml")
+    assert module.main(["--config", recipe, "--chips", "64", "--hf-config", str(tmp_path), "--json",
+                        "mesh.fsdp=16", "algorithm.micro_batch_size=16"]) == 0
+    e = json.loads(capsys.readouterr().out)
+    assert e["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4} and e["micro_batch_rows_per_chip"] == 1
+    assert module.main(["--config", recipe, "--chips", "32", "--hf-config", str(hf_path)]) == 0
+    assert "peak per chip" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # a hub id is not read over the network: the error says to pass --hf-config
+        module.main(["--config", recipe, "--chips", "32"])
+    assert "--hf-config" in capsys.readouterr().err
