@@ -8,9 +8,11 @@ the full vocabulary; fp32 Qwen2-style checkpoints "tiny" and "small" with random
 transformers `save_pretrained` and loaded by both systems.
 
 Reported per model: tokens/s (new tokens / wall time, median of `--repeats` steady-state calls) for both systems and
-their ratio; lad_jax compile time (first call minus a steady call); the decode step's share of the attainable matmul
+their ratio (transformers: the better of torch threads = cores and = 1, since other processes share the cores);
+lad_jax compile time (first call minus a steady call); the decode step's share of the attainable matmul
 throughput: a jitted `fori_loop` of the decode step's weight matmuls (same shapes, 16 rows) timed in the same run gives
-the attainable FLOP/s, the decode step's FLOP/s counts the same weight-matmul FLOPs per generated token step
+the attainable FLOP/s (per-layer weights as separate arrays: the best case for those matmuls), the decode step's
+FLOP/s counts the same weight-matmul FLOPs per generated token step
 (attention, norms and sampling are extra work the step does for free in this accounting, so the fraction is
 conservative); and the grouped case (2 prompts x G=8) with the prompt prefilled once vs once per copy.
 """
@@ -68,9 +70,21 @@ def bench_hf(model, prompts, new_tokens, repeats, do_sample):
             out = model.generate(input_ids=ids, attention_mask=attn, **kw)
         assert out.shape[1] == ids.shape[1] + new_tokens, out.shape
 
-    run()  # warm-up
-    med, times = timed(run, repeats)
-    return {"tokens_per_s": len(prompts) * new_tokens / med, "seconds": med, "all_seconds": times}
+    best = None
+    for threads in sorted({os.cpu_count(), 1}, reverse=True):
+        # torch's OpenMP pool collapses when the cores are oversubscribed by other processes; report the better
+        # of all-cores and one thread as the baseline
+        torch.set_num_threads(threads)
+        run()  # warm-up
+        med, times = timed(run, repeats)
+        r = {"tokens_per_s": len(prompts) * new_tokens / med, "seconds": med, "all_seconds": times,
+             "torch_threads": threads}
+        if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
+            best = dict(r, other_threads=best)
+        else:
+            best["other_threads"] = r
+    torch.set_num_threads(os.cpu_count())
+    return best
 
 
 def bench_lad(model, prompts, new_tokens, repeats, temperature, **kw):
@@ -103,37 +117,38 @@ def weight_matmul_flops(cfg, rows):
 
 
 def matmul_chain_seconds(cfg, rows, steps, repeats):
-    """Seconds per iteration of a jitted fori_loop over the decode step's weight matmuls (same shapes)."""
+    """Seconds per iteration of a jitted fori_loop over the decode step's weight matmuls (same shapes and bytes).
+
+    Each layer's weights are separate arrays (no slicing of stacked weights inside the loop): the best case for the
+    same matmuls, used as the attainable throughput.
+    """
     import jax
     import jax.numpy as jnp
 
     d, h, k, x, f, v, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                            cfg.vocab_size, cfg.num_layers)
-    keys = iter(jax.random.split(jax.random.key(0), 8))
+    keys = iter(jax.random.split(jax.random.key(0), 8 * L + 1))
     w = lambda *s: 0.02 * jax.random.normal(next(keys), s, jnp.float32)  # noqa: E731
-    ws = {"q": w(L, d, h * x), "k": w(L, d, k * x), "v": w(L, d, k * x), "o": w(L, h * x, d), "g": w(L, d, f),
-          "u": w(L, d, f), "dn": w(L, f, d), "head": w(d, v)}
+    layers = [{"q": w(d, h * x), "k": w(d, k * x), "v": w(d, k * x), "o": w(h * x, d), "g": w(d, f),
+               "u": w(d, f), "dn": w(f, d)} for _ in range(L)]
+    head = w(d, v)
 
     @jax.jit
-    def chain(x0, ws):
-        def layer(xx, p):
-            q = xx @ p["q"]
-            kv = jnp.sum(xx @ p["k"]) + jnp.sum(xx @ p["v"])
-            xx = xx + q @ p["o"] + kv
-            return xx + ((xx @ p["g"]) * (xx @ p["u"])) @ p["dn"], None
-
+    def chain(x0, layers, head):
         def step(i, xx):
-            per = {n: a for n, a in ws.items() if n != "head"}
-            xx, _ = jax.lax.scan(layer, xx, per)
-            logits = xx @ ws["head"]
+            for p in layers:
+                kv = jnp.sum(xx @ p["k"]) + jnp.sum(xx @ p["v"])
+                xx = xx + (xx @ p["q"]) @ p["o"] + kv
+                xx = xx + ((xx @ p["g"]) * (xx @ p["u"])) @ p["dn"]
+            logits = xx @ head
             return jnp.tanh(xx + 1e-3 * logits[:, :d])
 
         return jax.lax.fori_loop(0, steps, step, x0)
 
     x0 = jnp.ones((rows, d), jnp.float32)
-    jax.block_until_ready(chain(x0, ws))
-    med, _ = timed(lambda: jax.block_until_ready(chain(x0, ws)), repeats)
-    return med / steps
+    jax.block_until_ready(chain(x0, layers, head))
+    med, times = timed(lambda: jax.block_until_ready(chain(x0, layers, head)), repeats)
+    return min(times) / steps, med / steps
 
 
 def main(argv=None):
@@ -183,7 +198,7 @@ def main(argv=None):
         # decode step time: full generate minus a prefill-plus-first-token generate, per remaining step
         one = bench_lad(model, prompts, 1, args.repeats, 0.0)
         step_s = (r["greedy"]["lad_jax"]["seconds"] - one["seconds"]) / (args.new_tokens - 1)
-        chain_s = matmul_chain_seconds(cfg, args.prompts, args.new_tokens - 1, args.repeats)
+        chain_min, chain_s = matmul_chain_seconds(cfg, args.prompts, args.new_tokens - 1, args.repeats)
         flops = weight_matmul_flops(cfg, args.prompts)
         r["decode_step"] = {
             "prefill_plus_first_token_s": one["seconds"],
@@ -191,6 +206,7 @@ def main(argv=None):
             "weight_matmul_gflop_per_step": flops / 1e9,
             "achieved_gflops": flops / step_s / 1e9,
             "matmul_chain_step_ms": 1e3 * chain_s,
+            "matmul_chain_best_step_ms": 1e3 * chain_min,
             "attainable_gflops": flops / chain_s / 1e9,
             "fraction_of_attainable": chain_s / step_s,
         }

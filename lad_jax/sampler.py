@@ -10,8 +10,9 @@ Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G 
    logits and then runs one model step per token until every row has emitted a stop token or the budget is spent.
    Nothing returns to the host until the loop ends.
 
-RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is None); row r uses
-`fold_in(key, r)` and step i of that row `fold_in(row_key, i)`, so rows and calls never share noise.
+RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is None); row r's stream is
+`uniform(fold_in(key, r), [max_new_tokens])`, drawn before the loop (inverse-CDF sampling needs one U[0, 1) per row
+and token), so rows and calls never share noise and the loop body does no RNG work.
 
 Compiled functions are cached by jax per static signature (model graph, rows, `Lp`, `max_new_tokens`, G, sampling
 mode, number of stop ids); temperature / top-k / top-p values and the seed are traced and never recompile.
@@ -31,7 +32,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 
 from lad_jax.models.cache import CACHE_LOGICAL_AXES, init_cache
-from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens
+from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens_from_uniform
 from lad_jax.sharding import constrain, spec_for_shape
 
 _TRACES: collections.Counter = collections.Counter()
@@ -86,7 +87,7 @@ class SamplerState:
     logprobs_bt: jax.Array
     lengths_b: jax.Array
     done_b: jax.Array  # bool [B] stop token emitted
-    keys_b: jax.Array  # typed PRNG key per row
+    uniform_bt: jax.Array  # float32 [B, T] the RNG stream: row b's U[0, 1) draw for token t
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -128,12 +129,14 @@ def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_
     b, lp = valid_bl.shape
     cache_len = cache["k"].shape[2]
     keys_b = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.uint32))
+    # one U[0,1) per row and step, drawn up front: the loop body then does no RNG work (inverse-CDF sampling)
+    uniform_bt = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys_b)
     valid_bs = jnp.pad(valid_bl, ((0, 0), (0, cache_len - lp)))
     slots = jnp.arange(cache_len)
 
     def emit(s: SamplerState, logits_bv) -> SamplerState:
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(s.keys_b)
-        tok_b, logp_b = sample_tokens(logits_bv, step_keys, params, mode)
+        u_b = jax.lax.dynamic_index_in_dim(s.uniform_bt, s.step, axis=1, keepdims=False)
+        tok_b, logp_b = sample_tokens_from_uniform(logits_bv, u_b, params, mode)
         live_b = ~s.done_b
         tok_b = jnp.where(live_b, tok_b, pad_id)
         logp_b = jnp.where(live_b, logp_b, 0.0)
@@ -165,7 +168,7 @@ def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_
         logprobs_bt=jnp.zeros((b, max_new_tokens), jnp.float32),
         lengths_b=jnp.zeros((b,), jnp.int32),
         done_b=jnp.zeros((b,), bool),
-        keys_b=keys_b,
+        uniform_bt=uniform_bt,
     )
     s = jax.lax.while_loop(cond, body, emit(init, logits_bv))
     return (s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b), s.cache

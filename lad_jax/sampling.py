@@ -126,6 +126,13 @@ def sample_tokens(logits_bv: jax.Array, keys_b: jax.Array, params: SamplingParam
 
     keys_b: one typed PRNG key per row (each row's stream is independent of the others).
     """
+    uniform_b = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_b)
+    return sample_tokens_from_uniform(logits_bv, uniform_b, params, mode)
+
+
+def sample_tokens_from_uniform(logits_bv: jax.Array, uniform_b: jax.Array, params: SamplingParams,
+                               mode: SamplingMode):
+    """`sample_tokens` given each row's U[0, 1) draw (the sampler draws a whole response's noise up front)."""
     logits_bv = logits_bv.astype(jnp.float32)
     if mode.greedy:
         max_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
@@ -138,8 +145,7 @@ def sample_tokens(logits_bv: jax.Array, keys_b: jax.Array, params: SamplingParam
     q_bv, logp_bv = truncated_probs(logits_bv, params, mode)
     cdf_bv = jnp.cumsum(q_bv, axis=-1)
     # u in (0, total]: the first index with cdf >= u then always has q > 0
-    r_b = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys_b)
-    u_b = (1.0 - r_b) * cdf_bv[:, -1]
+    u_b = (1.0 - uniform_b) * cdf_bv[:, -1]
     tokens_b = jnp.sum(cdf_bv < u_b[:, None], axis=-1).astype(jnp.int32)
     tokens_b = jnp.minimum(tokens_b, logits_bv.shape[-1] - 1)
     logp_b = jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]

@@ -137,9 +137,12 @@ def build(c: Config) -> Setup:
     bucket = prompt_bucket(c)
     model = build_model(c, tokenizer, mesh)
     limit = model.config.max_position_embeddings
+    if c.eval.enabled:
+        bucket = max(bucket, 16)  # lad_jax.evaluate pads prompts to at least 16 slots
     if bucket + c.rollout.max_new_tokens > limit:
-        raise ConfigError(f"data.max_prompt_tokens (bucketed to {bucket}) + rollout.max_new_tokens="
-                          f"{c.rollout.max_new_tokens} exceeds the model's max_position_embeddings={limit}")
+        raise ConfigError(f"data.max_prompt_tokens (prompt slots {bucket}) + rollout.max_new_tokens="
+                          f"{c.rollout.max_new_tokens} exceeds the model's max_position_embeddings={limit}; "
+                          "lower them or raise model.max_position_embeddings")
     graphdef, params, tx, schedule, shardings = train_objects(c, model, mesh)
     stop = tuple(model.config.eos_token_ids) or (tokenizer.eos_token_id,)
     return Setup(c, mesh, tokenizer, graphdef, model.config, params, build_reward_fn(reward_specs(c)),

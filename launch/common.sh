@@ -105,8 +105,8 @@ lad_finalize() {
     lad_die "run name '$LAD_RUN_NAME' must be lowercase letters, digits and '-' (it names a TPU VM and a directory); set --run-name or LAD_RUN_NAME"
   local path
   for path in "$LAD_REMOTE_DIR" "$LAD_REMOTE_VENV" "$LAD_REMOTE_LOGS"; do
-    [[ $path =~ ^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$ && $path != /* ]] ||
-      lad_die "remote path '$path' (LAD_REMOTE_DIR / LAD_REMOTE_VENV / LAD_REMOTE_LOGS) must be a plain path relative to the worker's home"
+    [[ $path =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] ||
+      lad_die "remote directory '$path' (LAD_REMOTE_DIR / LAD_REMOTE_VENV / LAD_REMOTE_LOGS) must be one plain name in the worker's home"
   done
   LAD_TPU_NAME=${LAD_TPU_NAME:-$LAD_RUN_NAME}
   [[ $LAD_TPU_NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||

@@ -40,6 +40,6 @@ if [[ -n $gpus ]]; then
 fi
 
 # One process: never try jax.distributed, even inside a SLURM allocation (quoted: YAML reads bare off as false).
-cd "$LAD_REPO_DIR"
+# Runs from the current directory, like `python -m lad_jax.train` (configs/ names also resolve in the repository).
 lad_run env "${envs[@]}" "${LAD_PYTHON:-python3}" -m lad_jax.train --config "$config" \
   "output_dir=$(lad_output_dir)" "run_name=$LAD_RUN_NAME" "mesh.distributed='off'" "${overrides[@]}"

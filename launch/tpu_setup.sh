@@ -42,7 +42,7 @@ if [[ -n $git_url ]]; then
   fetch+=" && git -C $LAD_REMOTE_DIR checkout --quiet $(lad_quote "$git_ref")"
 else
   local_tar="${TMPDIR:-/tmp}/$tarball"
-  lad_run tar -czf "$local_tar" -C "$LAD_REPO_DIR" --exclude=./.git --exclude=./.venv --exclude=./runs \
+  lad_run tar -czf "$local_tar" -C "$LAD_REPO_DIR" --exclude=./.git --exclude=./.venv --exclude=./.venv-ci --exclude=./runs \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude='*.egg-info' .
   lad_run gcloud compute tpus tpu-vm scp "$local_tar" "$LAD_TPU_NAME:$tarball" "${LAD_SCOPE[@]}" --worker=all
   fetch="rm -rf $LAD_REMOTE_DIR && mkdir -p $LAD_REMOTE_DIR && tar -xzf $tarball -C $LAD_REMOTE_DIR"

@@ -49,7 +49,7 @@ def test_every_script_has_help():
     assert {"tpu_create.sh", "tpu_setup.sh", "tpu_run.sh", "tpu_logs.sh", "tpu_stop.sh", "tpu_delete.sh",
             "gpu_run.sh", "gpu_slurm.sbatch", "slurm_task.sh"} <= set(SCRIPTS)
     for script in SCRIPTS:
-        if script.startswith("tpu_") or script == "gpu_run.sh":
+        if script.startswith("tpu_") or script.startswith("gpu_"):
             out = run(script, "--help").stdout
             assert "Flags" in out and "set -euo" not in out, script
 
@@ -329,3 +329,46 @@ def test_slurm_outside_a_job_is_refused(tmp_path):
                           env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "sbatch" in proc.stderr
+
+
+DISTRIBUTED_PROBE = """
+import jax, jax.numpy as jnp
+from jax.experimental import multihost_utils
+jax.distributed.initialize()  # no arguments, exactly as the trainer calls it
+ranks = multihost_utils.process_allgather(jnp.array([jax.process_index()])).ravel().tolist()
+print(f"rank {jax.process_index()} of {jax.process_count()} sees ranks {ranks}", flush=True)
+jax.distributed.shutdown()
+"""
+
+
+def test_slurm_task_environment_starts_jax_distributed(tmp_path):
+    """Two CPU processes started like srun starts slurm_task.sh agree on ranks through jax.distributed."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    probe = tmp_path / "probe.py"
+    probe.write_text(DISTRIBUTED_PROBE)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_FLAGS"))}
+    base.update(JAX_PLATFORMS="cpu", SLURM_JOB_ID="77", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", LAD_GPUS_PER_NODE="1")
+    procs = [subprocess.Popen(["bash", str(LAUNCH / "slurm_task.sh"), sys.executable, str(probe)],
+                              env={**base, "SLURM_PROCID": str(i), "SLURM_LOCALID": "0"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for i, (out, err) in enumerate(outs):
+        assert procs[i].returncode == 0, err
+        assert f"rank {i} of 2 sees ranks [0, 1]" in out
+
+
+def test_remote_directories_must_be_plain_names():
+    proc = run("tpu_setup.sh", *SCOPE, env={"LAD_REMOTE_DIR": "a/../../etc"}, check=False)
+    assert proc.returncode == 2 and "LAD_REMOTE_DIR" in proc.stderr
+    (ssh,) = commands(run("tpu_logs.sh", *SCOPE, "--run-name", "exp", env={"LAD_REMOTE_LOGS": "my_logs"}))
+    assert flag(ssh, "--command").endswith("my_logs/exp.log")

@@ -104,3 +104,14 @@ def test_quickstart_notebook_hf_path(tmp_path, tiny_hf_checkpoint):
     assert (export / "config.json").exists() and (export / "tokenizer.json").exists()
     assert any(p.suffix == ".safetensors" for p in export.iterdir())
     assert "2 steps logged" in text
+
+
+def test_notebooks_match_their_builder(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(NOTEBOOKS / "make_notebooks.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("bandit.ipynb", "lad_quickstart.ipynb"):
+        assert (tmp_path / name).read_text() == (NOTEBOOKS / name).read_text(), (
+            f"notebooks/{name} differs from notebooks/make_notebooks.py: edit the builder and rerun it")

@@ -13,8 +13,8 @@ from lad_jax.trainer import Trainer
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     config = load_config("configs/tiny_test.yaml", [
-        f"output_dir={out}", "run_name=e2e", "steps=12", "task.sft_steps=40", "eval.enabled=true",
-        "eval.num_samples=8", "checkpoint.every=6", "optimizer.lr=3e-3", "logging.tensorboard=true"])
+        f"output_dir={out}", "run_name=e2e", "steps=16", "rollout.num_samples=8", "task.sft_steps=40", "task.sft_lr=1e-2", "eval.enabled=true",
+        "eval.num_samples=8", "checkpoint.every=8", "optimizer.lr=5e-3", "logging.tensorboard=true"])
     summary = Trainer(config, log=lambda *a, **k: None).run()
     return config, summary
 
@@ -22,10 +22,10 @@ def run(tmp_path_factory):
 def test_reward_improves(run):
     config, summary = run
     before, after = summary["eval_before"], summary["eval_after"]
-    assert after["avg@8"] > before["avg@8"] + 0.05, (before, after)
+    assert after["avg@8"] > max(1.5 * before["avg@8"], before["avg@8"] + 0.03), (before, after)
     rows = [json.loads(line) for line in open(os.path.join(config.run_dir, "metrics.jsonl"))]
     acc = [r["rollout/accuracy"] for r in rows if "rollout/accuracy" in r]
-    assert len(acc) == 12 and np.mean(acc[-3:]) > np.mean(acc[:3])
+    assert len(acc) == 16 and np.mean(acc[-3:]) > np.mean(acc[:3])
 
 
 def test_metrics_and_no_recompilation(run):
@@ -46,10 +46,10 @@ def test_metrics_and_no_recompilation(run):
 def test_outputs_written(run):
     config, _ = run
     d = config.run_dir
-    for name in ("config.yaml", "summary.json", "eval_step0.json", "eval_step12.json", "hf_export/config.json",
+    for name in ("config.yaml", "summary.json", "eval_step0.json", "eval_step16.json", "hf_export/config.json",
                  "hf_export/model.safetensors", "hf_export/tokenizer.json", "data/train.jsonl"):
         assert os.path.exists(os.path.join(d, name)), name
-    assert sorted(os.listdir(config.checkpoint_dir))[-1] == "12"
+    assert sorted(os.listdir(config.checkpoint_dir))[-1] == "16"
     from lad_jax.models import from_pretrained
 
     model = from_pretrained(os.path.join(d, "hf_export"))
