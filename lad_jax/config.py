@@ -157,7 +157,7 @@ class TaskSection:
     sft_steps: int = 300
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
-    sft_correct_fraction: float = 0.5
+    sft_correct_fraction: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

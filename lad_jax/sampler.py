@@ -202,6 +202,21 @@ def _resolve_mesh(mesh):
     return mesh
 
 
+def _call_key(seed) -> jax.Array:
+    if seed is None:
+        return jax.random.key(secrets.randbits(31))
+    if isinstance(seed, jax.Array):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) and seed.shape == ():
+            return seed
+        if seed.dtype == jnp.uint32 and seed.shape == (2,):  # legacy jax.random.PRNGKey
+            return jax.random.wrap_key_data(seed)
+        if seed.shape == () and jnp.issubdtype(seed.dtype, jnp.integer):
+            return jax.random.key(int(seed))
+        raise ValueError(f"generate: seed must be an int, a scalar typed PRNG key or a legacy uint32[2] key; got "
+                         f"an array of dtype {seed.dtype} and shape {seed.shape}")
+    return jax.random.key(int(seed))
+
+
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -269,12 +284,7 @@ def generate(
         pre_inputs, pre_samples = (rep(tokens_pl), rep(positions_pl), rep(valid_pl)), 1
     stop_ids = np.asarray(list(stop_token_ids) or [-1], np.int32)
 
-    if seed is None:
-        key = jax.random.key(secrets.randbits(31))
-    elif isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-        key = seed
-    else:
-        key = jax.random.key(int(seed))
+    key = _call_key(seed)
     graphdef, state = nnx.split(model)
     mode = method.mode
     dtype = config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
@@ -309,3 +319,32 @@ def generate(
         prompt_lengths_b=jnp.asarray(rep(lengths_p)),
         num_samples=num_samples,
     )
+
+
+def generate_text(model, tokenizer, prompts, *, chat: bool = True, system: str | None = None,
+                  stop_token_ids: Sequence[int] | None = None, pad_id: int | None = None, **kwargs):
+    """Text in, text out: `prompts` are strings (or chat message lists when `chat`), rendered with the tokenizer's
+    chat template (`lad_jax.tokenizer.apply_chat_template`) or encoded as they are (`chat=False`).
+
+    Stop ids default to the tokenizer's eos token, the pad id to its pad token. Returns (SampleOutput, texts) with
+    texts[r] the decoded response of row r (special tokens skipped). Other kwargs go to `generate`.
+    """
+    from lad_jax.tokenizer import apply_chat_template
+
+    if isinstance(prompts, str):
+        raise ValueError("generate_text: prompts must be a list of strings / message lists, not one string")
+    if chat:
+        ids = [apply_chat_template(tokenizer, p, system=system, tokenize=True) for p in prompts]
+    else:
+        if system is not None:
+            raise ValueError("generate_text: system= needs chat=True (it is a chat-template message)")
+        ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    if stop_token_ids is None:
+        stop_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    if pad_id is None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("generate_text: the tokenizer has no pad_token; pass pad_id=")
+        pad_id = tokenizer.pad_token_id
+    out = generate(model, ids, stop_token_ids=stop_token_ids, pad_id=pad_id, **kwargs)
+    texts = tokenizer.batch_decode(out.responses(), skip_special_tokens=True)
+    return out, texts

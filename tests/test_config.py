@@ -77,3 +77,14 @@ def test_resolved_config_roundtrip(tmp_path):
     c = load_config("configs/tiny_test.yaml", ["algorithm.loss=grpo"])
     save_config(c, str(tmp_path / "config.yaml"))
     assert load_config(tmp_path / "config.yaml") == c
+
+
+def test_distributed_switch():
+    from lad_jax.train_setup import wants_distributed
+
+    assert not wants_distributed("auto", {})
+    assert wants_distributed("auto", {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert wants_distributed("auto", {"SLURM_NTASKS": "4"}) and not wants_distributed("auto", {"SLURM_NTASKS": "1"})
+    assert not wants_distributed("auto", {"TPU_WORKER_HOSTNAMES": "host0"})
+    assert wants_distributed("on", {}) and not wants_distributed("off", {"JAX_COORDINATOR_ADDRESS": "x:1"})
+    assert "mesh.distributed" in _err(["mesh.distributed=maybe"])

@@ -188,3 +188,28 @@ def test_bad_input_is_rejected(models):
         generate(model, [[1]], max_new_tokens=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [[1]], max_new_tokens=4, top_p=0.0)
+
+
+def test_generate_text_applies_chat_template(models):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lad_jax.tokenizer import apply_chat_template
+
+    words = "<pad> <unk> <eos> user system assistant : what is plus".split() + [str(i) for i in range(100)]
+    raw = Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant : {% endif %}")
+    _, model, _ = models
+    prompts = ["what is 2 plus 3", "what is 10 plus 20 plus 30"]
+    out, texts = sampler.generate_text(model, tok, prompts, max_new_tokens=MAX_NEW, temperature=0.0)
+    ids = [apply_chat_template(tok, p, tokenize=True) for p in prompts]
+    assert ids[0][:3] == tok.convert_tokens_to_ids(["user", ":", "what"])
+    direct = generate(model, ids, max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=[tok.eos_token_id],
+                      pad_id=tok.pad_token_id)
+    assert out.responses() == direct.responses()
+    for i, p in enumerate(ids):
+        assert np.asarray(out.prompt_tokens_bs)[i, -len(p):].tolist() == p
+        assert texts[i] == tok.decode(out.responses()[i], skip_special_tokens=True)

@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,8 +14,11 @@ from lad_jax.trainer import Trainer
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
     config = load_config("configs/tiny_test.yaml", [
-        f"output_dir={out}", "run_name=e2e", "steps=16", "rollout.num_samples=8", "task.sft_steps=40", "task.sft_lr=1e-2", "eval.enabled=true",
-        "eval.num_samples=8", "checkpoint.every=8", "optimizer.lr=5e-3", "logging.tensorboard=true"])
+        f"output_dir={out}", "run_name=e2e", "steps=16", "rollout.prompts_per_step=16", "rollout.num_samples=8",
+        "algorithm.minibatch_size=64", "algorithm.micro_batch_size=32", "model.hidden_size=64",
+        "model.intermediate_size=192", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "task.sft_steps=100", "task.sft_lr=3e-3", "task.sft_batch_size=64", "eval.enabled=true",
+        "eval.num_samples=8", "checkpoint.every=8", "eval.every=8", "optimizer.lr=1e-3", "logging.tensorboard=true"])
     summary = Trainer(config, log=lambda *a, **k: None).run()
     return config, summary
 
@@ -46,11 +50,26 @@ def test_metrics_and_no_recompilation(run):
 def test_outputs_written(run):
     config, _ = run
     d = config.run_dir
-    for name in ("config.yaml", "summary.json", "eval_step0.json", "eval_step16.json", "hf_export/config.json",
+    for name in ("config.yaml", "summary.json", "eval_step0.json", "eval_step8.json", "eval_step16.json", "hf_export/config.json",
                  "hf_export/model.safetensors", "hf_export/tokenizer.json", "data/train.jsonl"):
         assert os.path.exists(os.path.join(d, name)), name
-    assert sorted(os.listdir(config.checkpoint_dir))[-1] == "16"
+    assert max(int(n) for n in os.listdir(config.checkpoint_dir) if n.isdigit()) == 16
     from lad_jax.models import from_pretrained
 
     model = from_pretrained(os.path.join(d, "hf_export"))
     assert model.config.hidden_size == config.model.hidden_size
+
+
+def test_init_from_hf_export(run, tmp_path):
+    config, _ = run
+    from lad_jax.config import load_config
+
+    arch = ["model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"]
+    c = load_config("configs/tiny_test.yaml", [
+        f"output_dir={tmp_path}", "run_name=ft", "steps=1", "task.sft_steps=0", "checkpoint.export_hf=false",
+        f"init_from={os.path.join(config.run_dir, 'hf_export')}", *[f"model.{k}=null" for k in arch]])
+    trainer = Trainer(c, log=lambda *a, **k: None)
+    exported = trainer.s.params
+    trainer.run()
+    assert trainer.s.model_config.hidden_size == config.model.hidden_size
+    assert len(jax.tree.leaves(exported)) == len(jax.tree.leaves(trainer.state["params"]))

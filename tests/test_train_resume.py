@@ -62,3 +62,19 @@ def test_kill_and_resume_is_exact(tmp_path):
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k])
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = _cmd(tmp_path, "term")[:-1] + ["task.sft_steps=0", "steps=200", "checkpoint.every=100"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    steps = [int(s) for s in os.listdir(tmp_path / "term" / "checkpoints") if s.isdigit()]
+    assert steps and 2 <= max(steps) < 100  # the forced final save, not a periodic one
