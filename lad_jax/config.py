@@ -185,7 +185,9 @@ class Config:
 
     @property
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        """Absolute (orbax needs it) unless it is a URL such as gs://bucket/dir."""
+        path = self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+        return path if "://" in path else os.path.abspath(path)
 
     @property
     def batch_size(self) -> int:
