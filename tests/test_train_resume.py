@@ -14,6 +14,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOLATILE = ("time/", "throughput/", "compiles/")
 
 
+def _env():
+    # Single-threaded Eigen: XLA:CPU's multi-threaded kernels may split reductions differently from run to run.
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    return dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags.strip())
+
+
 def _cmd(out, name):
     return [sys.executable, "-m", "lad_jax.train", "--config", "configs/tiny_test.yaml", f"output_dir={out}",
             f"run_name={name}", "steps=12", "checkpoint.every=4", "task.sft_steps=5"]
@@ -28,7 +34,7 @@ def _metrics(run_dir):
 
 
 def test_kill_and_resume_is_exact(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = _env()
     straight = subprocess.run(_cmd(tmp_path, "straight"), cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -65,7 +71,7 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 
 def test_sigterm_saves_and_exits(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = _env()
     cmd = _cmd(tmp_path, "term")[:-1] + ["task.sft_steps=0", "steps=200", "checkpoint.every=100"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "term" / "metrics.jsonl"
