@@ -46,7 +46,9 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    distributed: str = "auto"  # auto: jax.distributed.initialize() when the environment names a multi-process job
+    # auto: jax.distributed.initialize() when the environment names a multi-process job. YAML reads a bare on/off
+    # as true/false, so booleans are accepted too (true -> "on", false -> "off").
+    distributed: str = dataclasses.field(default="auto", metadata={"from_bool": ("off", "on")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,12 +256,16 @@ def _build(cls, data, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
             raise ConfigError(f"unknown config key '{full}'; valid keys here: {', '.join(names)}")
+        from_bool = fields[key].metadata.get("from_bool")
+        if from_bool is not None and isinstance(value, bool):
+            value = from_bool[value]  # (false, true) -> the field's string values
         kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)
 
@@ -300,21 +306,28 @@ def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
+def package_configs() -> Path:
+    """The shipped configs: `lad_jax/configs`, a symlink to the repository's `configs/` in a checkout and a real
+    directory (package data) in an installed wheel, so both hold the same files."""
+    return Path(__file__).resolve().parent / "configs"
+
+
 def resolve_config_path(path: str | os.PathLike | None) -> Path:
-    """`None` -> the default config; relative names also resolve against the repo (any cwd works)."""
+    """`None` -> the shipped configs/default.yaml; a relative path that is not under the cwd also resolves against
+    the repository and the shipped configs (so `configs/NAME.yaml` works from any cwd and from a wheel)."""
     if path is None:
-        path = "configs/default.yaml"
+        return package_configs() / "default.yaml"
     p = Path(path)
     if p.exists():
         return p
-    for base in (repo_root(), Path(__file__).resolve().parent):
-        cand = base / p
+    candidates = [repo_root() / p, package_configs() / p]
+    if p.parent in (Path("configs"), Path(".")):
+        candidates.append(package_configs() / p.name)
+    for cand in candidates:
         if cand.exists():
             return cand
-    cand = Path(__file__).resolve().parent / "configs" / p.name
-    if cand.exists():
-        return cand
-    raise ConfigError(f"config file {str(path)!r} not found (looked in the cwd, {repo_root()} and the package)")
+    raise ConfigError(f"config file {str(path)!r} not found (looked in the cwd, {repo_root()} and "
+                      f"{package_configs()})")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = (), *,
@@ -347,6 +360,7 @@ def _check_keys(defaults: dict, loaded: dict, prefix: str) -> None:
 
 
 def save_config(config: Config, path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as fh:
-        yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
+    """Writes the resolved config as YAML to a local path or a URL (gs://...)."""
+    from lad_jax import run_files
+
+    run_files.write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

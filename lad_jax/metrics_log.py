@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
-from etils import epath
+
+from lad_jax import run_files
 
 
 def to_float(value: Any) -> float:
@@ -35,39 +38,76 @@ def _json_number(value: float) -> float | str:
 class MetricsWriter:
     """Appends `{"step": step, **metrics}` lines to `run_dir/metrics.jsonl` and (optionally) TensorBoard events.
 
-    `run_dir` may be local or any etils.epath URL (gs://...); TensorBoard event files go to `run_dir` itself.
-    Appending means a resumed run continues the same file (steps after the resume point are written again).
+    `run_dir` may be local or a URL (gs://..., any fsspec protocol); TensorBoard event files go to `run_dir` itself.
+    A resumed run continues the same file (steps after the resume point are written again).
+
+    Object stores have no append (gcsfs silently turns append mode into overwrite), so for a URL the writer reads
+    the existing object once, keeps all lines in memory and rewrites the whole object: at most every
+    `remote_upload_s` seconds from `write`, and always on `flush` / `close`.
     """
 
-    def __init__(self, run_dir: str | epath.PathLike, *, tensorboard: bool = True):
-        self.run_dir = epath.Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / "metrics.jsonl"
-        self._file = self.path.open("a")
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, remote_upload_s: float = 30.0):
+        self.run_dir = os.fspath(run_dir)
+        self.remote = run_files.is_remote(self.run_dir)
+        run_files.makedirs(self.run_dir)
+        self.path = run_files.join(self.run_dir, "metrics.jsonl")
+        self._remote_upload_s = remote_upload_s
+        self._file = None
+        self._lines: list[str] = []
+        self._dirty = False
+        self._uploaded_at = time.monotonic()
+        if self.remote:
+            existing = run_files.read_text(self.path) or ""
+            if existing and not existing.endswith("\n"):
+                existing += "\n"  # a torn last line stays on its own line
+            self._lines = existing.splitlines(keepends=True)
+        else:
+            self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=str(self.run_dir))
+            if self.remote:
+                _ensure_tensorboard_backend(self.run_dir)
+            self._tb = SummaryWriter(logdir=self.run_dir)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Writes one step's scalars; returns them as floats."""
         values = {name: to_float(value) for name, value in metrics.items()}
         record = {"step": int(step), **{k: _json_number(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            self._dirty = True
+            if time.monotonic() - self._uploaded_at >= self._remote_upload_s:
+                self._upload()
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, global_step=int(step))
         return values
 
+    def _upload(self) -> None:
+        run_files.write_text(self.path, "".join(self._lines))
+        self._dirty = False
+        self._uploaded_at = time.monotonic()
+
     def flush(self) -> None:
-        self._file.flush()
+        if self.remote:
+            if self._dirty:
+                self._upload()
+        else:
+            self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
-        if not self._file.closed:
+        if self.remote:
+            if self._dirty:
+                self._upload()
+        elif not self._file.closed:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -78,6 +118,40 @@ class MetricsWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _FsspecRecordWriter:
+    """tensorboardX record writer for fsspec URLs: buffers the event file and rewrites the object on flush."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.buffer = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+
+    def flush(self) -> None:
+        run_files.write_bytes(self.path, bytes(self.buffer))
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _FsspecRecordWriterFactory:
+    def open(self, path: str) -> _FsspecRecordWriter:
+        return _FsspecRecordWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        run_files.makedirs(path)
+
+
+def _ensure_tensorboard_backend(url: str) -> None:
+    """tensorboardX writes gs:// and s3:// itself; any other URL scheme gets the fsspec writer above."""
+    from tensorboardX import record_writer
+
+    scheme = url.split("://", 1)[0]
+    if scheme not in record_writer.REGISTERED_FACTORIES:
+        record_writer.register_writer_factory(scheme, _FsspecRecordWriterFactory())
 
 
 class DeferredMetrics:

@@ -241,6 +241,10 @@ def generate(
     temperature=0 is greedy). `seed`: int or typed PRNG key; None draws fresh entropy. `share_prefix=False` prefills
     every copy of a prompt separately (only for benchmarking the saving). `mesh`: a Mesh (default: the one set with
     `jax.set_mesh`, if any); rows are sharded over its ('data', 'fsdp') axes, parameters keep their own shardings.
+
+    Several processes (jax.distributed): every process calls `generate` with its own, equally many prompts and the
+    global `mesh` (each host's devices a contiguous block of it); the rows of all hosts form one global batch and
+    each process gets back only its own rows, in its own order (prompt_index_b indexes its own `prompts`).
     """
     method = _resolve_sampling(sampling, temperature, top_k, top_p)
     if isinstance(prompts, (str, bytes)) or not len(prompts):
@@ -262,6 +266,16 @@ def generate(
             raise ValueError(f"generate: {name} contains token ids outside [0, {vocab}): {bad[:5]}")
     num_prompts = len(prompts)
     lp = bucket_length(max(len(p) for p in prompts), min_prompt_bucket)
+    mesh = _resolve_mesh(mesh)
+    multi = jax.process_count() > 1
+    if multi:
+        if mesh is None:
+            raise ValueError("generate: with several processes pass the global mesh= (each process gives its own "
+                             "prompts; rows are split over the processes)")
+        from jax.experimental import multihost_utils
+
+        # every process must compile the same shapes: the longest prompt on any host sets the bucket
+        lp = int(np.max(multihost_utils.process_allgather(np.asarray([lp], np.int32))))
     cache_len = lp + max_new_tokens
     if cache_len > config.max_position_embeddings:
         raise ValueError(
@@ -289,15 +303,31 @@ def generate(
     mode = method.mode
     dtype = config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
 
-    mesh = _resolve_mesh(mesh)
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
-        if mesh is not None:
+        if multi:
+            # Host-local rows -> one global array (process i's rows are block i); scalars replicated.
+            def row_spec(global_rows, ndim):
+                spec = spec_for_shape(("batch",) + (None,) * (ndim - 1), (global_rows,) + (1,) * (ndim - 1), mesh)
+                if not spec or spec[0] is None:
+                    raise ValueError(f"generate: {global_rows} rows cannot be split over the mesh's batch axes "
+                                     "(data, fsdp); give every process a multiple of their size / processes")
+                return spec
+
+            def put(a):
+                return multihost_utils.host_local_array_to_global_array(
+                    a, mesh, row_spec(a.shape[0] * jax.process_count(), a.ndim))
+
+            def put_replicated(tree):
+                return multihost_utils.host_local_array_to_global_array(tree, mesh, jax.sharding.PartitionSpec())
+        elif mesh is not None:
             def put(a):
                 names = ("batch",) + (None,) * (a.ndim - 1)
                 return jax.device_put(a, NamedSharding(mesh, spec_for_shape(names, a.shape, mesh)))
         else:
             put = jnp.asarray
+        if not multi:
+            put_replicated = lambda tree: tree  # noqa: E731
         pre_inputs = tuple(put(a) for a in pre_inputs)
         _PREFILL_ROWS["calls"] += 1
         _PREFILL_ROWS["rows"] += int(pre_inputs[0].shape[0])
@@ -306,9 +336,13 @@ def generate(
         )
         (tokens_bt, logprobs_bt, lengths_b, stopped_b), _ = _decode(
             graphdef, state, cache, logits_bv, put(rep(valid_pl)), put(rep(lengths_p)),
-            jnp.asarray(stop_ids), method.params(), key, jnp.asarray(pad_id, jnp.int32),
+            *put_replicated((jnp.asarray(stop_ids), method.params(), key, jnp.asarray(pad_id, jnp.int32))),
             mode=mode, max_new_tokens=max_new_tokens,
         )
+        if multi:  # back to this process's rows, the same rows it passed in
+            tokens_bt, logprobs_bt, lengths_b, stopped_b = (
+                multihost_utils.global_array_to_host_local_array(x, mesh, row_spec(x.shape[0], x.ndim))
+                for x in (tokens_bt, logprobs_bt, lengths_b, stopped_b))
     return SampleOutput(
         tokens_bt=tokens_bt,
         logprobs_bt=logprobs_bt,

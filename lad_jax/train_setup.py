@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from lad_jax import run_files
 from lad_jax import train_step as ts
 from lad_jax.config import Config, ConfigError, check_devices, save_config
 from lad_jax.sharding import make_mesh
@@ -59,15 +60,27 @@ class Setup:
 
 
 def task_files(c: Config) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
-    """(train files, eval files, tokenizer dir) — generated into the run dir for the built-in task."""
+    """(train files, eval files, tokenizer dir) — generated into the run dir for the built-in task.
+
+    With a remote run dir (gs://...) the task writes into a local temporary directory (its files are a pure
+    function of the config, so every host and every restart makes the same ones); process 0 copies them up.
+    """
     if c.task.name == "numbers":
         from lad_jax.tasks import numbers
 
-        data_dir = os.path.join(c.run_dir, "data")
+        base = c.run_dir
+        if run_files.is_remote(base):
+            import tempfile
+
+            base = tempfile.mkdtemp(prefix="lad_jax_task_")
+        data_dir = os.path.join(base, "data")
         train, evalf = numbers.write_data(data_dir, num_train=c.task.num_train_prompts,
                                           num_eval=c.task.num_eval_prompts, seed=c.seed)
-        tok_dir = os.path.join(c.run_dir, "tokenizer")
+        tok_dir = os.path.join(base, "tokenizer")
         numbers.build_tokenizer(tok_dir)
+        if base != c.run_dir and jax.process_index() == 0:
+            for name in ("data", "tokenizer"):
+                run_files.upload_dir(os.path.join(base, name), run_files.join(c.run_dir, name))
         return (c.data.train_files or (train,)), (c.data.eval_files or (evalf,)), c.model.tokenizer or tok_dir
     return c.data.train_files, c.data.eval_files, c.model.tokenizer or c.init_from
 
@@ -122,9 +135,9 @@ def build(c: Config) -> Setup:
         raise ConfigError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be divisible by the "
                           f"{jax.process_count()} processes (each host loads its own prompts)")
     mesh = make_mesh(*shape)
-    os.makedirs(c.run_dir, exist_ok=True)
+    run_files.makedirs(c.run_dir)
     if jax.process_index() == 0:
-        save_config(c, os.path.join(c.run_dir, "config.yaml"))
+        save_config(c, run_files.join(c.run_dir, "config.yaml"))
     train_files, eval_files, tok_path = task_files(c)
     from lad_jax.rewards import build_reward_fn
     from lad_jax.tokenizer import load_tokenizer

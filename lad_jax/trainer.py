@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lad_jax import experience, sampler
+from lad_jax import experience, run_files, sampler
 from lad_jax import train_setup as setup_lib
 from lad_jax.checkpoint import CheckpointManager, install_preemption_handler
 from lad_jax.config import Config
@@ -24,6 +23,24 @@ from lad_jax.metrics_log import DeferredMetrics, MetricsWriter
 from lad_jax.train_step import TrainStep, init_train_state, make_logprob_fn
 
 _NEVER = 10**9
+
+
+def agreed_stop(local_flag: bool, *, process_count: int | None = None, allgather=None) -> bool:
+    """Whether any process saw SIGTERM: every host must take the same branch after a step, because the final
+    save is a collective (a host that stops while another trains on would hang both).
+
+    Single-process runs return the local flag without any communication; with several processes each host's flag
+    is all-gathered (one int32 per host, once per step) and OR-ed. `allgather` is injectable for tests.
+    """
+    count = jax.process_count() if process_count is None else process_count
+    if count <= 1:
+        return bool(local_flag)
+    if allgather is None:
+        from jax.experimental import multihost_utils
+
+        allgather = multihost_utils.process_allgather
+    flags = np.asarray(allgather(np.asarray([int(bool(local_flag))], np.int32)))
+    return bool(flags.any())
 
 
 class Trainer:
@@ -97,8 +114,8 @@ class Trainer:
             pad_id=self.s.tokenizer.pad_token_id, ks=(1, k), ngram=c.eval.ngram,
             correct_threshold=c.reward.correct_threshold, mesh=self.s.mesh)
         if jax.process_index() == 0:
-            with open(os.path.join(c.run_dir, f"eval_step{step}.json"), "w") as fh:
-                json.dump({"step": step, "summary": summary, "samples": samples[:8]}, fh, indent=1)
+            run_files.write_text(run_files.join(c.run_dir, f"eval_step{step}.json"),
+                                 json.dumps({"step": step, "summary": summary, "samples": samples[:8]}, indent=1))
         return summary
 
     # ---- loop ------------------------------------------------------------------------------------------
@@ -168,7 +185,7 @@ class Trainer:
                     bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
                                     distinct=f"{metrics['rollout/distinct_frac']:.2f}")
                 self.ckpt.save(step, self.state, meta=self._meta())
-                if preempt.is_set():
+                if agreed_stop(preempt.is_set()):
                     self.log(f"SIGTERM: saving step {step} and exiting")
                     self.ckpt.save(step, self.state, meta=self._meta(), force=True)
                     stopped_early = True
@@ -199,14 +216,13 @@ class Trainer:
         if c.checkpoint.export_hf and jax.process_index() == 0:
             from lad_jax.models import save_pretrained
 
-            export = os.path.join(c.run_dir, "hf_export")
-            save_pretrained(self.policy(), export)
-            self.s.tokenizer.save_pretrained(export)
+            with run_files.local_dir(run_files.join(c.run_dir, "hf_export")) as export:
+                save_pretrained(self.policy(), export)
+                self.s.tokenizer.save_pretrained(export)
         summary = {"steps": step, "rl_seconds": seconds, "eval_before": self.eval_before, "eval_after": after,
                    "compiles_train_step": self.step_fn.compiles}
         if jax.process_index() == 0:
-            with open(os.path.join(c.run_dir, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=1)
+            run_files.write_text(run_files.join(c.run_dir, "summary.json"), json.dumps(summary, indent=1))
         self._log_eval("after RL", after)
         return summary
 

@@ -88,3 +88,35 @@ def test_distributed_switch():
     assert not wants_distributed("auto", {"TPU_WORKER_HOSTNAMES": "host0"})
     assert wants_distributed("on", {}) and not wants_distributed("off", {"JAX_COORDINATOR_ADDRESS": "x:1"})
     assert "mesh.distributed" in _err(["mesh.distributed=maybe"])
+
+
+def test_distributed_accepts_yaml_booleans(tmp_path):
+    """A bare on/off is a YAML boolean; mesh.distributed=on on the command line must mean "on", not fail."""
+    assert load_config("configs/tiny_test.yaml", ["mesh.distributed=on"]).mesh.distributed == "on"
+    assert load_config("configs/tiny_test.yaml", ["mesh.distributed=off"]).mesh.distributed == "off"
+    assert load_config("configs/tiny_test.yaml", ["mesh.distributed=true"]).mesh.distributed == "on"
+    assert load_config("configs/tiny_test.yaml", ["mesh.distributed='on'"]).mesh.distributed == "on"
+    p = tmp_path / "c.yaml"
+    p.write_text(resolve_config_path("configs/tiny_test.yaml").read_text().replace(
+        "mesh:\n", "mesh:\n  distributed: off\n", 1))
+    assert load_config(p).mesh.distributed == "off"
+    assert "mesh.distributed" in _err(["mesh.distributed=1"])  # other non-strings still fail
+    assert "expected a string" in _err(["run_name=true"])  # only the mesh.distributed field maps booleans
+
+
+def test_configs_have_one_source(tmp_path, monkeypatch):
+    """lad_jax/configs (package data) and configs/ are the same files, found from any cwd."""
+    from lad_jax.config import package_configs, repo_root
+
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted(p.name for p in package_configs().glob("*.yaml"))
+    assert "default.yaml" in shipped and "tiny_test.yaml" in shipped
+    if (repo_root() / "configs").is_dir():  # a checkout (not an installed wheel)
+        assert shipped == sorted(p.name for p in (repo_root() / "configs").glob("*.yaml"))
+        for name in shipped:
+            assert (package_configs() / name).samefile(repo_root() / "configs" / name), name
+    assert resolve_config_path(None) == package_configs() / "default.yaml"
+    assert load_config("configs/tiny_test.yaml").run_name == "tiny"
+    assert load_config("tiny_test.yaml").run_name == "tiny"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")

@@ -49,3 +49,38 @@ def test_deferred_metrics_returns_previous_step():
     assert deferred.push(3, {"loss": jnp.float32(3.0)}) == (2, {"loss": 2.0})
     assert deferred.flush() == (3, {"loss": 3.0})
     assert deferred.flush() is None
+
+
+def test_writer_remote_url_rewrites_the_whole_object(tmp_path, monkeypatch):
+    """Object stores have no append: a URL run dir keeps its lines and rewrites metrics.jsonl (fsspec memory://)."""
+    import uuid
+
+    import fsspec
+
+    monkeypatch.chdir(tmp_path)  # anything written locally by mistake would show up here
+    url = f"memory://bucket-{uuid.uuid4().hex}/runs/r1"
+    fs, root = fsspec.core.url_to_fs(url)
+
+    def lines():
+        return [json.loads(x) for x in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines()]
+
+    with MetricsWriter(url, tensorboard=True, remote_upload_s=0.0) as writer:
+        writer.write(1, {"loss": 1.0})
+        assert lines() == [{"step": 1, "loss": 1.0}]  # uploaded right away with remote_upload_s=0
+        writer.write(2, {"loss": 0.5})
+    assert [r["step"] for r in lines()] == [1, 2]
+    events = [p for p in fs.ls(root, detail=False) if "events.out.tfevents" in p]
+    assert len(events) == 1
+    event_file = tmp_path / "events.bin"
+    event_file.write_bytes(fs.cat_file(events[0]))
+    assert (2, "loss", 0.5) in _read_scalars(event_file)
+    event_file.unlink()
+
+    with MetricsWriter(url, tensorboard=False) as writer:  # a resumed run: read the object, then append
+        writer.write(3, {"loss": 0.25})
+        assert [r["step"] for r in lines()] == [1, 2]  # throttled: not uploaded yet
+        writer.flush()
+        assert [r["step"] for r in lines()] == [1, 2, 3]
+        writer.write(4, {"loss": 0.125})
+    assert [r["step"] for r in lines()] == [1, 2, 3, 4]
+    assert list(tmp_path.iterdir()) == []  # no local "memory:" directory

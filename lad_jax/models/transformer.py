@@ -97,26 +97,10 @@ def apply_rope(x_bthx, cos_btx, sin_btx):
     return out.astype(x_bthx.dtype)
 
 
-def _decode_attention(q_bthx, k_bskx, v_bskx, mask_bts):
-    """`attention` for one query per row (decoding): multiply-and-reduce instead of dots with (b, k) batch dims,
-    which XLA:CPU runs as slow per-batch loops (decode step time grew ~3x faster with cache length than the bytes
-    read); this form is one fused pass over each cache slot on every backend."""
-    b, _, h, x = q_bthx.shape
-    kh = k_bskx.shape[2]
-    q = q_bthx.reshape(b, 1, kh, h // kh, x).astype(jnp.float32)
-    scores = jnp.sum(q * k_bskx[:, :, :, None, :].astype(jnp.float32), axis=-1) * (x ** -0.5)  # [b, s, k, g]
-    scores = jnp.where(mask_bts[:, 0, :, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * v_bskx[:, :, :, None, :].astype(jnp.float32), axis=1)  # [b, k, g, x]
-    return out.reshape(b, 1, h, x).astype(v_bskx.dtype)
-
-
 def attention(q_bthx, k_bskx, v_bskx, mask_bts):
     """Grouped-query attention without repeating K/V; scores and softmax in float32."""
     b, t, h, x = q_bthx.shape
     kh = k_bskx.shape[2]
-    if t == 1:
-        return _decode_attention(q_bthx, k_bskx, v_bskx, mask_bts)
     q = q_bthx.reshape(b, t, kh, h // kh, x)
     scores = jnp.einsum("btkgx,bskx->bkgts", q, k_bskx, preferred_element_type=jnp.float32)
     scores = scores * (x ** -0.5)

@@ -1,48 +1,81 @@
-"""The default experiment's task: "give a number with property P", many correct answers per prompt.
+"""The default experiment's task: "give a two-digit number whose digits sum to S" (several correct answers each).
 
-Prompts name a digit constraint ("first 3 =", "middle 0 =", "last 7 ="); the answer is any 3-digit number
-(100..999) that meets it, written as digits followed by EOS. Every prompt has 90-100 valid answers, so a policy can be accurate and still diverse, which is what LAD keeps and
-GRPO tends to lose. Everything here is deterministic from a seed: the JSONL data, the character-level tokenizer
-and the reward (exact check of the property).
+Prompts read "sum S =" for S in 4..15 (S spelled as one word: "sum twelve ="); an answer is a two-digit number (10..99) whose digit sum is S, written as
+digits followed by EOS. Each prompt has 4-9 correct answers (S=4: 13 22 31 40; S=9 and S=10: nine each), and
+every correct answer starts with a different digit, so the first answer token picks the answer: the task is
+close to a bandit over answers, where the LAD-vs-GRPO difference is clean.
+
+Why this design shows what LAD is for (see LAD.md):
+  * Few correct answers per prompt, so G=16 samples per prompt see most of them every step. (With ~100 valid
+    answers per prompt, an earlier version, both methods mostly pushed the handful of sampled answers and
+    collapsed alike.)
+  * A skewed warm-start. `sft_examples` draws a correct answer from fixed Zipf weights (rank r gets weight
+    1/r^ZIPF_EXPONENT, ranks a fixed permutation per prompt), mixed with uniformly random two-digit numbers
+    (`correct_fraction`), so the RL start is accurate on some samples only and already prefers some correct
+    answers to others.
+  * Among equally rewarded answers, the expected policy-gradient step on a logit is proportional to the answer's
+    probability, so GRPO amplifies the skew onto the top answers (rich get richer) while it raises accuracy.
+    LAD's per-step target pi_old * exp(A/eta) / Z multiplies every correct answer by the same factor, so once
+    the brake engages the ratios among correct answers are kept: LAD reaches a similar accuracy with more
+    distinct correct answers.
+
+Everything is deterministic from a seed: the JSONL data, the word-level tokenizer, the warm-start weights and
+the reward (exact check of the digit sum). `answer_distribution` computes a policy's exact probability of every
+two-digit answer per prompt (used for the entropy-based diversity numbers in configs/default.yaml).
 """
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
 
-LOW, HIGH = 100, 999
-WORDS = ("=", "first", "middle", "last") + tuple("0123456789")
+LOW, HIGH = 10, 99
+SUMS = tuple(range(4, 16))
+# The target sum is one word token, so the prompt is [sum, S, =] and the model need not parse multi-digit numbers.
+SUM_WORDS = ("four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen",
+             "fifteen")
+ZIPF_EXPONENT = 1.0
+WORDS = ("=", "sum") + SUM_WORDS + tuple("0123456789")
 SPECIALS = ("<pad>", "<eos>", "<unk>")
-_POSITIONS = {"first": 0, "middle": 1, "last": 2}
 
 
 def properties() -> list[tuple[str, str]]:
     """(spec, prompt text) for every property; spec is what the reward checks."""
-    out = []
-    for where, lo in (("first", 1), ("middle", 0), ("last", 0)):
-        for d in range(lo, 10):
-            out.append((f"{where}:{d}", f"{where} {d} ="))
-    return out
+    return [(f"sum:{s}", f"sum {w} =") for s, w in zip(SUMS, SUM_WORDS)]
+
+
+def _target(spec: str) -> int:
+    kind, _, value = spec.partition(":")
+    if kind != "sum" or not value.isdigit():
+        raise ValueError(f"unknown numbers-task property {spec!r}; expected 'sum:S' with S an integer")
+    return int(value)
 
 
 def satisfies(spec: str, n: int) -> bool:
-    where, _, digit = spec.partition(":")
-    if where not in _POSITIONS or not digit.isdigit():
-        raise ValueError(f"unknown numbers-task property {spec!r}")
-    return str(n)[_POSITIONS[where]] == digit
+    return LOW <= n <= HIGH and sum(int(d) for d in str(n)) == _target(spec)
 
 
 def valid_answers(spec: str) -> list[int]:
     return [n for n in range(LOW, HIGH + 1) if satisfies(spec, n)]
 
 
+def answer_weights(spec: str) -> tuple[list[int], np.ndarray]:
+    """The warm-start's preference over a prompt's correct answers: (answers, Zipf weights summing to 1).
+    Ranks are a fixed permutation per prompt (seeded by the spec), so the favourite answer differs by prompt."""
+    answers = valid_answers(spec)
+    order = np.random.default_rng(zlib.crc32(spec.encode())).permutation(len(answers))
+    weights = np.empty(len(answers))
+    weights[order] = 1.0 / np.arange(1, len(answers) + 1) ** ZIPF_EXPONENT
+    return answers, weights / weights.sum()
+
+
 def parse_answer(text: str) -> int | None:
-    """The integer a completion names, or None when it is not exactly a 3-digit number."""
+    """The integer a completion names, or None when it is not exactly a two-digit number."""
     text = text.strip()
-    if not text.isdigit() or len(text) != 3 or text[0] == "0":
+    if not text.isdigit() or len(text) != 2 or text[0] == "0":
         return None
     return int(text)
 
@@ -71,7 +104,7 @@ def write_data(out_dir: str, *, num_train: int, num_eval: int, seed: int) -> tup
 
 def build_tokenizer(out_dir: str | None = None):
     """WordLevel tokenizer (words split on whitespace, digits split one per token) wrapped as a transformers
-    PreTrainedTokenizerFast (saved to `out_dir`). "first 3 =" -> [first, 3, =]; "517" -> [5, 1, 7]."""
+    PreTrainedTokenizerFast (saved to `out_dir`). "sum twelve =" -> [sum, twelve, =]; "57" -> [5, 7]."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,26 +120,65 @@ def build_tokenizer(out_dir: str | None = None):
 
 
 def reward_fn(completions: Sequence[str], rows: Sequence[dict[str, Any]], num_tokens=None):
-    """1.0 when the completion is a 3-digit number with the row's property, else 0.0 (registry signature)."""
+    """1.0 when the completion is a two-digit number with the row's digit sum, else 0.0 (registry signature)."""
     rewards = np.array([1.0 if check(c, r["answer"]) else 0.0 for c, r in zip(completions, rows)], np.float32)
     parsed = np.mean([parse_answer(c) is not None for c in completions]) if completions else 0.0
     return rewards, {"numbers/well_formed": float(parsed)}
 
 
 def sft_examples(rng: np.random.Generator, batch: int, correct_fraction: float) -> list[tuple[str, str]]:
-    """(prompt, answer text) pairs: a correct answer drawn uniformly from the valid set with prob
-    `correct_fraction`, otherwise a uniformly random 3-digit number (mostly wrong)."""
+    """(prompt, answer text) pairs: with prob `correct_fraction` a correct answer drawn from the prompt's Zipf
+    weights (`answer_weights`), otherwise a uniformly random two-digit number (mostly wrong)."""
     props = properties()
     out = []
     for _ in range(batch):
         spec, prompt = props[int(rng.integers(len(props)))]
         if rng.random() < correct_fraction:
-            answers = _VALID.setdefault(spec, valid_answers(spec))
-            n = answers[int(rng.integers(len(answers)))]
+            answers, weights = _weights(spec)
+            n = answers[int(rng.choice(len(answers), p=weights))]
         else:
             n = int(rng.integers(LOW, HIGH + 1))
         out.append((prompt, str(n)))
     return out
 
 
-_VALID: dict[str, list[int]] = {}
+_WEIGHTS: dict[str, tuple[list[int], np.ndarray]] = {}
+
+
+def _weights(spec: str) -> tuple[list[int], np.ndarray]:
+    if spec not in _WEIGHTS:
+        _WEIGHTS[spec] = answer_weights(spec)
+    return _WEIGHTS[spec]
+
+
+def answer_distribution(graphdef, params, tokenizer, specs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Exact policy probability (temperature 1) of every answer "10".."99" + EOS, per prompt spec: {spec: [90]}.
+    The remaining mass (1 - sum) is on malformed responses."""
+    import jax
+
+    from lad_jax.tasks.sft import encode_pairs
+    from lad_jax.train_step import sequence_logprobs
+
+    specs = [s for s, _ in properties()] if specs is None else list(specs)
+    prompts = dict(properties())
+    pairs = [(prompts[s], str(n)) for s in specs for n in range(LOW, HIGH + 1)]
+    tokens, positions, valid, target = encode_pairs(tokenizer, pairs, 8)
+    logp_fn = jax.jit(lambda p, t, q, v: sequence_logprobs(graphdef, p, t, q, v, temperature=1.0)[0])
+    logp = np.asarray(logp_fn(params, tokens, positions, valid))
+    seq = np.exp(np.where(target, logp, 0.0).sum(1)).reshape(len(specs), HIGH - LOW + 1)
+    return dict(zip(specs, seq))
+
+
+def diversity_stats(dist: dict[str, np.ndarray]) -> dict[str, float]:
+    """From `answer_distribution`: mean accuracy (mass on correct answers), mean entropy (nats) and effective
+    number exp(entropy) of the distribution over correct answers renormalised, and the mean top-answer share."""
+    acc, ent, top = [], [], []
+    for spec, p in dist.items():
+        ok = np.array([satisfies(spec, n) for n in range(LOW, HIGH + 1)])
+        pc = p[ok]
+        acc.append(pc.sum())
+        q = pc / max(pc.sum(), 1e-30)
+        ent.append(float(-(q * np.log(np.maximum(q, 1e-30))).sum()))
+        top.append(float(q.max()))
+    return {"accuracy": float(np.mean(acc)), "correct_entropy": float(np.mean(ent)),
+            "effective_correct": float(np.mean(np.exp(ent))), "top_share": float(np.mean(top))}

@@ -18,11 +18,19 @@ from lad_jax.train_step import sequence_logprobs
 def encode_pairs(tokenizer, pairs, length: int):
     """Right-padded [b, length] tokens / positions / valid and a target mask over answer + EOS tokens."""
     b = len(pairs)
+    cache: dict[tuple[str, bool], list[int]] = {}  # batches repeat few distinct strings; tokenize each once
+
+    def encode(text: str, special: bool) -> list[int]:
+        key = (text, special)
+        if key not in cache:
+            cache[key] = tokenizer(text, add_special_tokens=special)["input_ids"]
+        return cache[key]
+
     tokens = np.full((b, length), tokenizer.pad_token_id, np.int32)
     target = np.zeros((b, length), bool)
     for i, (prompt, answer) in enumerate(pairs):
-        p = tokenizer(prompt)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        p = encode(prompt, True)
+        a = encode(answer, False) + [tokenizer.eos_token_id]
         ids = (p + a)[:length]
         tokens[i, :len(ids)] = ids
         target[i, len(p):len(ids)] = True
