@@ -331,7 +331,6 @@ def _model(c, tokenizer, mesh, args):
 
 def main(argv=None) -> dict[str, Any]:
     import json
-    import os
     import sys
 
     import jax
@@ -386,9 +385,9 @@ def main(argv=None) -> dict[str, Any]:
         "examples": samples[: args.num_examples],
     }
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        from lad_jax import run_files
+
+        run_files.write_text(args.out, json.dumps(result, indent=1))  # a local path or a URL (gs://...)
         shown = {key: round(v, 4) for key, v in summary.items()
                  if key.startswith(("pass@", "avg@", "distinct")) or key == "mean_reward"}
         print(json.dumps(shown))

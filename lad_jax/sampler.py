@@ -5,9 +5,11 @@ Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G 
    reuses the compiled functions. Padding is masked out of attention; positions count real tokens only.
 2. `_prefill` (jitted) runs the model once over the P prompts into a KV cache of length `Lp + max_new_tokens`, then
    repeats the cache and the last-position logits G times along the batch axis (prefix sharing: the prompt is
-   prefilled once, not G times). Row `p * G + g` is sample g of prompt p.
+   prefilled once, not G times). Row `p * G + g` is sample g of prompt p. The cache is handed to decode in the
+   per-layer form (`unstack_cache`), so each decode step neither slices stacked weights nor copies cache layers.
 3. `_decode` (jitted, cache donated so the `while_loop` updates it in place) draws the first token from the prefill
-   logits and then runs one model step per token until every row has emitted a stop token or the budget is spent.
+   logits and then runs one model step per token (`Transformer.hidden_unrolled` over `layer_params()` split once,
+   outside the loop) until every row has emitted a stop token or the budget is spent.
    Nothing returns to the host until the loop ends.
 
 RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is None); row r's stream is
@@ -31,7 +33,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 
-from lad_jax.models.cache import CACHE_LOGICAL_AXES, init_cache
+from lad_jax.models.cache import CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, init_cache, unstack_cache
 from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens_from_uniform
 from lad_jax.sharding import constrain, spec_for_shape
 
@@ -108,14 +110,14 @@ def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_l
     hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask_bts=mask_pts)
     # left padding puts every prompt's last token at the last position
     logits_pv = model.logits(hidden_ptd[:, -1:])[:, 0]
+    cache = unstack_cache(cache)
+
+    def per_row(a):
+        return constrain(jnp.repeat(a, num_samples, axis=0) if num_samples > 1 else a, LAYER_CACHE_LOGICAL_AXES)
+
+    cache = {"k": tuple(map(per_row, cache["k"])), "v": tuple(map(per_row, cache["v"])), "index": cache["index"]}
     if num_samples > 1:
-        cache = {
-            "k": jnp.repeat(cache["k"], num_samples, axis=1),
-            "v": jnp.repeat(cache["v"], num_samples, axis=1),
-            "index": cache["index"],
-        }
         logits_pv = jnp.repeat(logits_pv, num_samples, axis=0)
-    cache = {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
     return constrain(logits_pv, ("batch", "act_vocab")), cache
 
 
@@ -127,12 +129,13 @@ def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_
     _TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
     b, lp = valid_bl.shape
-    cache_len = cache["k"].shape[2]
+    cache_len = cache["k"][0].shape[2]  # per-layer [b, k, s, x]
     keys_b = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.uint32))
     # one U[0,1) per row and step, drawn up front: the loop body then does no RNG work (inverse-CDF sampling)
     uniform_bt = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys_b)
     valid_bs = jnp.pad(valid_bl, ((0, 0), (0, cache_len - lp)))
     slots = jnp.arange(cache_len)
+    layer_params = model.layer_params()  # sliced once here: loop-invariant inside the while_loop
 
     def emit(s: SamplerState, logits_bv) -> SamplerState:
         u_b = jax.lax.dynamic_index_in_dim(s.uniform_bt, s.step, axis=1, keepdims=False)
@@ -157,8 +160,9 @@ def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_
         index = s.cache["index"]
         mask_b1s = (valid_bs | ((slots >= lp) & (slots <= index))[None, :])[:, None, :]
         pos_b1 = (positions_b + s.step - 1)[:, None]
-        logits_b1v, cache = model(s.last_b[:, None], pos_b1, cache=s.cache, mask_bts=mask_b1s)
-        return emit(s.replace(cache=cache), logits_b1v[:, 0])
+        hidden_b1d, cache = model.hidden_unrolled(s.last_b[:, None], pos_b1, layer_params=layer_params,
+                                                  cache=s.cache, mask_bts=mask_b1s)
+        return emit(s.replace(cache=cache), model.logits(hidden_b1d)[:, 0])
 
     init = SamplerState(
         step=jnp.zeros((), jnp.int32),

@@ -151,3 +151,36 @@ def test_create_model_sharded_init(models):
     w = model.blocks.w_up[...]
     assert max(s.data.nbytes for s in w.addressable_shards) * 8 == w.nbytes
     np.testing.assert_allclose(np.asarray(w), np.asarray(ref.blocks.w_up[...]), atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
+def test_unrolled_per_layer_decode_matches_stacked_cache(models, kind):
+    """`hidden_unrolled` (per-layer weights and [b, k, s, x] cache, the sampler's decode path) == stacked `hidden`."""
+    from lad_jax.models.cache import stack_cache, unstack_cache
+
+    model = models[kind]
+    cfg = model.config
+    b, s, prefix, steps = 2, 12, 5, 4
+    tokens = jax.random.randint(jax.random.key(4), (b, prefix + steps), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(prefix + steps), (b, prefix + steps))
+    ref_cache = init_cache(cfg, b, s)
+    prefill_mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= jnp.arange(prefix)[:, None], (b, prefix, s))
+    _, ref_cache = step(model, tokens[:, :prefix], positions[:, :prefix], ref_cache, prefill_mask)
+    cache = jax.tree.map(jnp.copy, unstack_cache(ref_cache))  # `step` donates ref_cache
+    assert len(cache["k"]) == cfg.num_layers and cache["k"][0].shape == (b, cfg.num_kv_heads, s, cfg.head_dim)
+    np.testing.assert_array_equal(np.asarray(stack_cache(cache)["k"]), np.asarray(ref_cache["k"]))
+
+    @nnx.jit
+    def unrolled(model, tok, pos, cache, mask):
+        hidden, cache = model.hidden_unrolled(tok, pos, layer_params=model.layer_params(), cache=cache, mask_bts=mask)
+        return model.logits(hidden), cache
+
+    for i in range(prefix, prefix + steps):
+        mask = jnp.broadcast_to(jnp.arange(s) <= i, (b, 1, s))
+        want, ref_cache = step(model, tokens[:, i:i + 1], positions[:, i:i + 1], ref_cache, mask)
+        got, cache = unrolled(model, tokens[:, i:i + 1], positions[:, i:i + 1], cache, mask)
+        assert int(cache["index"]) == int(ref_cache["index"]) == i + 1
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    back = stack_cache(cache)
+    for name in ("k", "v"):
+        np.testing.assert_allclose(np.asarray(back[name]), np.asarray(ref_cache[name]), atol=1e-6, rtol=0)

@@ -15,7 +15,7 @@ VOLATILE = ("time/", "throughput/", "compiles/")
 
 
 def _env():
-    # Single-threaded Eigen: XLA:CPU's multi-threaded kernels may split reductions differently from run to run.
+    # A guard only: runs were measured bitwise reproducible with multi-threaded Eigen too (lad_jax/trainer.py).
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
     return dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS=flags.strip())
 

@@ -24,3 +24,20 @@ CACHE_LOGICAL_AXES = {
     "v": ("layers", "batch", "cache_sequence", "kv_heads", "head_dim"),
     "index": (),
 }
+
+
+
+def unstack_cache(cache: dict) -> dict:
+    """Stacked cache -> per-layer decode cache `{"k": ([b, k, s, x],) * l, "v": (...), "index"}` for
+    `Transformer.hidden_unrolled` (kv-head-major so single-token attention reads it without transposing)."""
+    per_layer = lambda a: tuple(a[l].transpose(0, 2, 1, 3) for l in range(a.shape[0]))  # noqa: E731
+    return {"k": per_layer(cache["k"]), "v": per_layer(cache["v"]), "index": cache["index"]}
+
+
+def stack_cache(cache: dict) -> dict:
+    """Per-layer decode cache (`unstack_cache`) -> the stacked `{"k": [l, b, s, k, x], ...}` form."""
+    stack = lambda arrays: jnp.stack([a.transpose(0, 2, 1, 3) for a in arrays])  # noqa: E731
+    return {"k": stack(cache["k"]), "v": stack(cache["v"]), "index": cache["index"]}
+
+
+LAYER_CACHE_LOGICAL_AXES = ("batch", "kv_heads", "cache_sequence", "head_dim")

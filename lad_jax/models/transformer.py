@@ -97,16 +97,20 @@ def apply_rope(x_bthx, cos_btx, sin_btx):
     return out.astype(x_bthx.dtype)
 
 
-def attention(q_bthx, k_bskx, v_bskx, mask_bts):
-    """Grouped-query attention without repeating K/V; scores and softmax in float32."""
+def attention(q_bthx, k_all, v_all, mask_bts, kv_layout="bskx"):
+    """Grouped-query attention without repeating K/V; scores and softmax in float32.
+
+    `kv_layout`: "bskx" (the stacked cache's layer slice) or "bksx" (the per-layer decode cache: batch and kv-head
+    leading, so the t=1 score and value products need no transposed copy of the cache).
+    """
     b, t, h, x = q_bthx.shape
-    kh = k_bskx.shape[2]
+    kh = k_all.shape[kv_layout.index("k")]
     q = q_bthx.reshape(b, t, kh, h // kh, x)
-    scores = jnp.einsum("btkgx,bskx->bkgts", q, k_bskx, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgx,{kv_layout}->bkgts", q, k_all, preferred_element_type=jnp.float32)
     scores = scores * (x ** -0.5)
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskx.dtype)
-    out = jnp.einsum("bkgts,bskx->btkgx", probs, v_bskx)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgx", probs, v_all)
     return out.reshape(b, t, h, x)
 
 
@@ -116,6 +120,39 @@ def project(hidden_btd, w, tied: bool, dtype):
     eq = "btd,vd->btv" if tied else "btd,dv->btv"
     out = jnp.einsum(eq, h, w.astype(dtype), preferred_element_type=jnp.float32)
     return constrain(out, ("batch", "sequence", "act_vocab"))
+
+
+def decoder_layer(c: ModelConfig, x, p, cos, sin, mask_bts, write_kv, kv_layout="bskx"):
+    """One pre-norm decoder block on `x` `[b, t, d]` with one layer's weights `p`.
+
+    `write_kv(k_btkx, v_btkx) -> (k_all_bskx, v_all_bskx, new_kv)` stores the new keys/values in a cache and returns
+    what attention reads (in `kv_layout`, see `attention`); None attends over the current tokens only.
+    Returns (x, new_kv).
+    """
+    dt = c.jnp_dtype
+    h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    q = jnp.einsum("btd,dhx->bthx", h, p["wq"].astype(dt))
+    k = jnp.einsum("btd,dkx->btkx", h, p["wk"].astype(dt))
+    v = jnp.einsum("btd,dkx->btkx", h, p["wv"].astype(dt))
+    if c.qkv_bias:
+        q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
+    if c.qk_norm:
+        q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, ("batch", "sequence", "act_heads", "head_dim"))
+    k_all, v_all, new_kv = (k, v, None) if write_kv is None else write_kv(k, v)
+    o = attention(q, k_all, v_all, mask_bts, kv_layout)
+    o = jnp.einsum("bthx,hxd->btd", o, p["wo"].astype(dt))
+    if c.o_bias:
+        o = o + p["bo"].astype(dt)
+    x = constrain(x + o, ("batch", "sequence", "act_embed"))
+    h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp"))
+    x = x + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
+    return constrain(x, ("batch", "sequence", "act_embed")), new_kv
 
 
 _REMAT = {
@@ -146,6 +183,12 @@ class Transformer(nnx.Module):
         w, tied = self.head_weight()
         return project(hidden_btd, w, tied, self.config.jnp_dtype)
 
+    def _inputs(self, tokens_bt, positions_bt):
+        """Embedded tokens `[b, t, d]` and rope tables, shared by both layer paths."""
+        x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.config.jnp_dtype)
+        x = constrain(x, ("batch", "sequence", "act_embed"))
+        return x, rope_tables(self.config, positions_bt)
+
     def hidden(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None):
         """Embed and run all layers; returns (final-normed hidden `[b, t, d]` in compute dtype, new cache)."""
         c = self.config
@@ -158,43 +201,22 @@ class Transformer(nnx.Module):
                 s = cache["k"].shape[2]
                 q_slot = cache["index"] + jnp.arange(t)
                 mask_bts = jnp.broadcast_to(jnp.arange(s)[None, :] <= q_slot[:, None], (b, t, s))
-        x = jnp.take(self.embed[...], tokens_bt, axis=0).astype(dt)
-        x = constrain(x, ("batch", "sequence", "act_embed"))
-        cos, sin = rope_tables(c, positions_bt)
+        x, (cos, sin) = self._inputs(tokens_bt, positions_bt)
         params = {name: getattr(self.blocks, name)[...] for name in block_param_specs(c)}
 
         def layer(x, p, kv):
-            h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-            q = jnp.einsum("btd,dhx->bthx", h, p["wq"].astype(dt))
-            k = jnp.einsum("btd,dkx->btkx", h, p["wk"].astype(dt))
-            v = jnp.einsum("btd,dkx->btkx", h, p["wv"].astype(dt))
-            if c.qkv_bias:
-                q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
-            if c.qk_norm:
-                q = rms_norm(q, p["q_norm"], c.rms_norm_eps)
-                k = rms_norm(k, p["k_norm"], c.rms_norm_eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            q = constrain(q, ("batch", "sequence", "act_heads", "head_dim"))
-            k_all, v_all, new_kv = k, v, None
-            if kv is not None:
-                k_cache, v_cache, index, l = kv
-                start = (l, 0, index, 0, 0)
-                k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-                v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-                k_all = jax.lax.dynamic_index_in_dim(k_cache, l, 0, keepdims=False).astype(dt)
-                v_all = jax.lax.dynamic_index_in_dim(v_cache, l, 0, keepdims=False).astype(dt)
-                new_kv = (k_cache, v_cache)
-            o = attention(q, k_all, v_all, mask_bts)
-            o = jnp.einsum("bthx,hxd->btd", o, p["wo"].astype(dt))
-            if c.o_bias:
-                o = o + p["bo"].astype(dt)
-            x = constrain(x + o, ("batch", "sequence", "act_embed"))
-            h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-            gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-            up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
-            act = constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp"))
-            x = x + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
-            return constrain(x, ("batch", "sequence", "act_embed")), new_kv
+            if kv is None:
+                write = None
+            else:
+                def write(k, v):
+                    k_cache, v_cache, index, l = kv
+                    start = (l, 0, index, 0, 0)
+                    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+                    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+                    k_all = jax.lax.dynamic_index_in_dim(k_cache, l, 0, keepdims=False).astype(dt)
+                    v_all = jax.lax.dynamic_index_in_dim(v_cache, l, 0, keepdims=False).astype(dt)
+                    return k_all, v_all, (k_cache, v_cache)
+            return decoder_layer(c, x, p, cos, sin, mask_bts, write)
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[c.remat], prevent_cse=False)
@@ -219,6 +241,39 @@ class Transformer(nnx.Module):
             new_cache = {"k": k_cache, "v": v_cache, "index": (index + t).astype(jnp.int32)}
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
         return x, new_cache
+
+    def layer_params(self) -> tuple[dict, ...]:
+        """Per-layer weight dicts sliced out of the stacked blocks (for `hidden_unrolled`; slice once per call)."""
+        names = block_param_specs(self.config)
+        stacked = {name: getattr(self.blocks, name)[...] for name in names}
+        return tuple({name: w[l] for name, w in stacked.items()} for l in range(self.config.num_layers))
+
+    def hidden_unrolled(self, tokens_bt, positions_bt, *, layer_params, cache, mask_bts):
+        """`hidden` for decoding: layers unrolled over `layer_params()` with a per-layer cache (`unstack_cache`).
+
+        Same math as `hidden`, but no weight or cache slicing per call: inside a decode loop, `layer_params` are
+        loop-invariant and each layer's cache buffer is updated in place and read where it lies.
+        """
+        c = self.config
+        dt = c.jnp_dtype
+        x, (cos, sin) = self._inputs(tokens_bt, positions_bt)
+        index = cache["index"]
+        new_k, new_v = [], []
+        for p, k_cache, v_cache in zip(layer_params, cache["k"], cache["v"]):
+            def write(k_btkx, v_btkx, k_cache=k_cache, v_cache=v_cache):
+                start = (0, 0, index, 0)
+                k_cache = jax.lax.dynamic_update_slice(
+                    k_cache, k_btkx.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, v_btkx.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+                return k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
+
+            x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, mask_bts, write, "bksx")
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+        t = tokens_bt.shape[1]
+        return x, {"k": tuple(new_k), "v": tuple(new_v), "index": (index + t).astype(jnp.int32)}
 
 
 def create_model(config: ModelConfig, *, seed: int = 0, mesh=None, rules: dict | None = None) -> Transformer:

@@ -1,6 +1,6 @@
 """The default experiment's task: "give a two-digit number whose digits sum to S" (several correct answers each).
 
-Prompts read "sum S =" for S in 4..15 (S spelled as one word: "sum twelve ="); an answer is a two-digit number (10..99) whose digit sum is S, written as
+Prompts read "digits summing to S" for S in 4..15 (S spelled as one word: "digits summing to twelve"); an answer is a two-digit number (10..99) whose digit sum is S, written as
 digits followed by EOS. Each prompt has 4-9 correct answers (S=4: 13 22 31 40; S=9 and S=10: nine each), and
 every correct answer starts with a different digit, so the first answer token picks the answer: the task is
 close to a bandit over answers, where the LAD-vs-GRPO difference is clean.
@@ -34,17 +34,21 @@ import numpy as np
 
 LOW, HIGH = 10, 99
 SUMS = tuple(range(4, 16))
-# The target sum is one word token, so the prompt is [sum, S, =] and the model need not parse multi-digit numbers.
+# The target sum is one word token and ends the prompt, so the answer is predicted right at the token that names the
+# sum: a from-scratch model learns to read the prompt within the short warm-start (no multi-digit parsing, no
+# attention plateau).
 SUM_WORDS = ("four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen",
              "fifteen")
 ZIPF_EXPONENT = 1.0
-WORDS = ("=", "sum") + SUM_WORDS + tuple("0123456789")
+# Every two-digit number is one token, so the first response token picks the answer and LAD's per-token ratio is
+# the per-answer ratio (LAD.md's bandit setting, with a transformer conditioned on the prompt).
+WORDS = ("digits", "summing", "to") + SUM_WORDS + tuple(str(n) for n in range(LOW, HIGH + 1))
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 
 
 def properties() -> list[tuple[str, str]]:
     """(spec, prompt text) for every property; spec is what the reward checks."""
-    return [(f"sum:{s}", f"sum {w} =") for s, w in zip(SUMS, SUM_WORDS)]
+    return [(f"sum:{s}", f"digits summing to {w}") for s, w in zip(SUMS, SUM_WORDS)]
 
 
 def _target(spec: str) -> int:
@@ -103,15 +107,15 @@ def write_data(out_dir: str, *, num_train: int, num_eval: int, seed: int) -> tup
 
 
 def build_tokenizer(out_dir: str | None = None):
-    """WordLevel tokenizer (words split on whitespace, digits split one per token) wrapped as a transformers
-    PreTrainedTokenizerFast (saved to `out_dir`). "sum twelve =" -> [sum, twelve, =]; "57" -> [5, 7]."""
+    """WordLevel tokenizer (split on whitespace; every two-digit number is one word) wrapped as a transformers
+    PreTrainedTokenizerFast (saved to `out_dir`). "digits summing to twelve" -> [digits, summing, to, twelve]; "57" -> [57]; decoding
+    fuses tokens, so a response of two number tokens reads as a four-digit number (wrong)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     if out_dir is not None:
@@ -126,9 +130,16 @@ def reward_fn(completions: Sequence[str], rows: Sequence[dict[str, Any]], num_to
     return rewards, {"numbers/well_formed": float(parsed)}
 
 
+def near_misses(spec: str) -> list[int]:
+    """Wrong answers the warm-start teaches: two-digit numbers whose digit sum is off by one."""
+    s = _target(spec)
+    return valid_answers(f"sum:{s - 1}") + valid_answers(f"sum:{s + 1}")
+
+
 def sft_examples(rng: np.random.Generator, batch: int, correct_fraction: float) -> list[tuple[str, str]]:
     """(prompt, answer text) pairs: with prob `correct_fraction` a correct answer drawn from the prompt's Zipf
-    weights (`answer_weights`), otherwise a uniformly random two-digit number (mostly wrong)."""
+    weights (`answer_weights`), otherwise a uniformly drawn near miss (digit sum off by one). Both depend on the
+    prompt, so the model learns to read it as fast as from all-correct data."""
     props = properties()
     out = []
     for _ in range(batch):
@@ -137,7 +148,8 @@ def sft_examples(rng: np.random.Generator, batch: int, correct_fraction: float) 
             answers, weights = _weights(spec)
             n = answers[int(rng.choice(len(answers), p=weights))]
         else:
-            n = int(rng.integers(LOW, HIGH + 1))
+            wrong = near_misses(spec)
+            n = wrong[int(rng.integers(len(wrong)))]
         out.append((prompt, str(n)))
     return out
 
