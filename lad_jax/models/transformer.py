@@ -1,7 +1,10 @@
 """Decoder-only transformer (Qwen2/2.5, Qwen3 dense, Llama 3) in Flax NNX.
 
 Layer weights are stacked on a leading `layers` axis and the forward runs `lax.scan` over them, so compile time
-does not grow with depth and the stacked KV cache `[l, b, s, k, x]` is updated in place.
+does not grow with depth and the stacked KV cache `[l, b, s, k, x]` is updated in place. The sampler's decode loop
+instead uses `hidden_unrolled`: the same `decoder_layer` unrolled over per-layer weights sliced once per generate call
+and a per-layer `[b, k, s, x]` cache, because scanning stacked arrays copies every layer's weights and cache slice
+(and transposes the cache for attention) on every step.
 """
 from __future__ import annotations
 
@@ -110,8 +113,9 @@ def attention(q_bthx, k_all, v_all, mask_bts, kv_layout="bskx"):
     scores = scores * (x ** -0.5)
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    out = jnp.einsum(f"bkgts,{kv_layout}->btkgx", probs, v_all)
-    return out.reshape(b, t, h, x)
+    # the product keeps (b, k) leading as in its operands; XLA:CPU lowers a "->btkgx" output to a slower dot
+    out = jnp.einsum(f"bkgts,{kv_layout}->bkgtx", probs, v_all)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, x)
 
 
 def project(hidden_btd, w, tied: bool, dtype):

@@ -1,27 +1,28 @@
 """The default experiment's task: "give a two-digit number whose digits sum to S" (several correct answers each).
 
-Prompts read "digits summing to S" for S in 4..15 (S spelled as one word: "digits summing to twelve"); an answer is a two-digit number (10..99) whose digit sum is S, written as
-digits followed by EOS. Each prompt has 4-9 correct answers (S=4: 13 22 31 40; S=9 and S=10: nine each), and
-every correct answer starts with a different digit, so the first answer token picks the answer: the task is
-close to a bandit over answers, where the LAD-vs-GRPO difference is clean.
+Prompts read "digits summing to S" for S in 4..15 (S spelled as one word: "digits summing to twelve"); an answer is
+a two-digit number (10..99) whose digit sum is S, followed by EOS. Each prompt has 4-9 correct answers (S=4:
+13 22 31 40; S=9 and S=10: nine each). Every two-digit number is a single token, so the first response token picks
+the answer: the task is LAD.md's bandit over answers, with a transformer conditioned on the prompt.
 
 Why this design shows what LAD is for (see LAD.md):
-  * Few correct answers per prompt, so G=16 samples per prompt see most of them every step. (With ~100 valid
-    answers per prompt, an earlier version, both methods mostly pushed the handful of sampled answers and
-    collapsed alike.)
+  * Few correct answers per prompt, so G=16 samples per prompt cover the likely ones every step and the rare ones
+    often. (With ~100 valid answers per prompt, an earlier version, both methods mostly pushed the handful of
+    sampled answers and collapsed alike.)
   * A skewed warm-start. `sft_examples` draws a correct answer from fixed Zipf weights (rank r gets weight
-    1/r^ZIPF_EXPONENT, ranks a fixed permutation per prompt), mixed with uniformly random two-digit numbers
-    (`correct_fraction`), so the RL start is accurate on some samples only and already prefers some correct
-    answers to others.
+    1/r^ZIPF_EXPONENT, ranks a fixed permutation per prompt) with probability `correct_fraction`, otherwise a
+    near miss (digit sum off by one), so the RL start is ~40% accurate and already prefers some correct answers.
   * Among equally rewarded answers, the expected policy-gradient step on a logit is proportional to the answer's
-    probability, so GRPO amplifies the skew onto the top answers (rich get richer) while it raises accuracy.
-    LAD's per-step target pi_old * exp(A/eta) / Z multiplies every correct answer by the same factor, so once
-    the brake engages the ratios among correct answers are kept: LAD reaches a similar accuracy with more
-    distinct correct answers.
+    probability, so GRPO amplifies the skew onto the favourites (rich get richer) while it raises accuracy.
+    LAD's per-step target pi_old * exp(A/eta) / Z scales every correct answer by the same factor, so when the
+    brake engages (eta and lr chosen so the target is reachable within the mu passes) the ratios among correct
+    answers are largely kept: LAD reaches a similar or higher accuracy with more distinct correct answers.
+    Measured numbers (5 seeds each) and the commands are in configs/default.yaml.
 
 Everything is deterministic from a seed: the JSONL data, the word-level tokenizer, the warm-start weights and
 the reward (exact check of the digit sum). `answer_distribution` computes a policy's exact probability of every
-two-digit answer per prompt (used for the entropy-based diversity numbers in configs/default.yaml).
+two-digit answer per prompt; `diversity_stats` turns it into accuracy and the effective number of correct
+answers (exp of the entropy over correct answers), a diversity measure free of sampling noise.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Supervised warm-start for the numbers task: next-token cross-entropy on (prompt, answer + EOS) pairs.
 
-The generated answers mix uniformly drawn correct numbers with uniformly random ones
-(`task.sft_correct_fraction`), so the warm-started policy is diverse (it spreads over the valid set) and only
-moderately accurate: the starting point where RL either keeps that spread (LAD) or collapses it (GRPO).
+The generated answers (`numbers.sft_examples`) mix correct numbers drawn from a fixed, skewed (Zipf) preference
+per prompt with near misses (digit sum off by one), in the share `task.sft_correct_fraction`. The warm-started
+policy is therefore only moderately accurate and already prefers some correct answers to others: the starting
+point where RL either keeps the spread among correct answers (LAD) or concentrates it on the favourites (GRPO).
 """
 from __future__ import annotations
 
