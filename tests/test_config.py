@@ -13,7 +13,7 @@ def _err(overrides, num_devices=8, path="configs/tiny_test.yaml"):
 def test_default_and_tiny_configs_load():
     c = load_config(num_devices=1)
     assert isinstance(c, Config) and c.task.name == "numbers" and c.algorithm.loss == "lad"
-    assert c.algorithm.divergence == "js" and c.algorithm.eta == 0.25
+    assert c.algorithm.divergence == "js" and c.algorithm.eta == 2.0
     t = load_config("configs/tiny_test.yaml", ["algorithm.loss=grpo", "optimizer.lr=1e-4", "seed=3"])
     assert t.algorithm.loss == "grpo" and t.optimizer.lr == 1e-4 and t.seed == 3
     assert resolve_config_path(None).name == "default.yaml"

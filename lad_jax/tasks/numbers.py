@@ -109,8 +109,8 @@ def write_data(out_dir: str, *, num_train: int, num_eval: int, seed: int) -> tup
 
 def build_tokenizer(out_dir: str | None = None):
     """WordLevel tokenizer (split on whitespace; every two-digit number is one word) wrapped as a transformers
-    PreTrainedTokenizerFast (saved to `out_dir`). "digits summing to twelve" -> [digits, summing, to, twelve]; "57" -> [57]; decoding
-    fuses tokens, so a response of two number tokens reads as a four-digit number (wrong)."""
+    PreTrainedTokenizerFast (saved to `out_dir`). "digits summing to twelve" -> [digits, summing, to, twelve];
+    "57" -> [57]; decoding fuses tokens, so a response of two number tokens reads as a four-digit number (wrong)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
