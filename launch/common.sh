@@ -135,6 +135,24 @@ lad_finalize_accelerator() {
   LAD_RUNTIME_VERSION=${LAD_RUNTIME_VERSION:-$default_runtime}
 }
 
+# Print a script's header comment: its --help.
+lad_usage() {
+  sed -n '2,/^set -euo/p' "$1" | sed '$d'
+}
+
+# After a gcloud TPU script's flag loop: validate the settings and build LAD_SCOPE. `--accelerator` also
+# validates the accelerator type (the scripts that create or size a slice); the others pass `--any-accelerator`.
+lad_tpu_settings() {
+  lad_finalize
+  case $1 in
+    --accelerator) lad_finalize_accelerator ;;
+    --any-accelerator) ;;
+    *) lad_die "lad_tpu_settings: expected --accelerator or --any-accelerator, got '$1'" ;;
+  esac
+  lad_require_zone
+  lad_gcloud_scope
+}
+
 lad_require_zone() {
   [[ -n $LAD_ZONE ]] || lad_die "no zone: pass --zone ZONE or set LAD_ZONE (e.g. us-east5-a)"
 }

@@ -24,7 +24,7 @@ while (($#)); do
     --config | --config=*) lad_flag_value "$@"; config=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --gpus | --gpus=*) lad_flag_value "$@"; gpus=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --env | --env=*) lad_flag_value "$@"; envs+=("$LAD_VALUE"); shift "$LAD_SHIFT" ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     --*) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
     *=*) overrides+=("$1"); shift ;;
     *) lad_die "unexpected argument '$1': trainer overrides look like key.sub=value" ;;

@@ -28,14 +28,11 @@ while (($#)); do
     --valid-until | --valid-until=*) lad_flag_value "$@"; valid_until=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --network | --network=*) lad_flag_value "$@"; network=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --service-account | --service-account=*) lad_flag_value "$@"; service_account=$LAD_VALUE; shift "$LAD_SHIFT" ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     *) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
   esac
 done
-lad_finalize
-lad_finalize_accelerator
-lad_require_zone
-lad_gcloud_scope
+lad_tpu_settings --accelerator
 
 ((spot + preemptible + reserved <= 1)) || lad_die "choose at most one of --spot, --preemptible, --reserved"
 if ((queued)); then

@@ -16,13 +16,11 @@ while (($#)); do
   case $1 in
     --queued) queued=1; shift ;;
     --async) async=1; shift ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     *) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
   esac
 done
-lad_finalize
-lad_require_zone
-lad_gcloud_scope
+lad_tpu_settings --any-accelerator
 
 extra=(--quiet)
 ((async)) && extra+=(--async)

@@ -19,13 +19,11 @@ while (($#)); do
     --worker | --worker=*) lad_flag_value "$@"; worker=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --lines | --lines=*) lad_flag_value "$@"; lines=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --no-follow) follow=0; shift ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     *) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
   esac
 done
-lad_finalize
-lad_require_zone
-lad_gcloud_scope
+lad_tpu_settings --any-accelerator
 [[ $worker == all || $worker =~ ^[0-9]+$ ]] || lad_die "--worker '$worker' must be a worker number or 'all'"
 [[ $lines =~ ^[0-9]+$ ]] || lad_die "--lines '$lines' must be a number"
 

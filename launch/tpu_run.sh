@@ -30,16 +30,13 @@ while (($#)); do
     --env | --env=*) lad_flag_value "$@"; envs+=("$LAD_VALUE"); shift "$LAD_SHIFT" ;;
     --foreground) foreground=1; shift ;;
     --skip-check) check=0; shift ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     --*) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
     *=*) overrides+=("$1"); shift ;;
     *) lad_die "unexpected argument '$1': trainer overrides look like key.sub=value" ;;
   esac
 done
-lad_finalize
-lad_finalize_accelerator
-lad_require_zone
-lad_gcloud_scope
+lad_tpu_settings --accelerator
 
 for kv in "${envs[@]}"; do
   [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || lad_die "--env '$kv' must look like NAME=value"

@@ -23,13 +23,11 @@ while (($#)); do
     --ref | --ref=*) lad_flag_value "$@"; git_ref=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --python | --python=*) lad_flag_value "$@"; python_version=$LAD_VALUE; shift "$LAD_SHIFT" ;;
     --extra | --extra=*) lad_flag_value "$@"; extra=$LAD_VALUE; shift "$LAD_SHIFT" ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     *) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
   esac
 done
-lad_finalize
-lad_require_zone
-lad_gcloud_scope
+lad_tpu_settings --any-accelerator
 [[ $python_version =~ ^3\.[0-9]+$ ]] || lad_die "--python '$python_version' must look like 3.11"
 [[ $extra =~ ^[a-z0-9_]+(,[a-z0-9_]+)*$ ]] || lad_die "--extra '$extra' must be pip extra names such as tpu,gcs"
 

@@ -17,13 +17,11 @@ signal=TERM
 while (($#)); do
   case $1 in
     --signal | --signal=*) lad_flag_value "$@"; signal=$LAD_VALUE; shift "$LAD_SHIFT" ;;
-    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
+    -h | --help) lad_usage "$0"; exit 0 ;;
     *) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
   esac
 done
-lad_finalize
-lad_require_zone
-lad_gcloud_scope
+lad_tpu_settings --any-accelerator
 [[ $signal == TERM || $signal == INT || $signal == KILL ]] || lad_die "--signal '$signal' must be TERM, INT or KILL"
 
 pidfile=$LAD_REMOTE_LOGS/$LAD_RUN_NAME.pid
