@@ -12,7 +12,6 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any
 
 import yaml
 

@@ -25,6 +25,7 @@ class Experience:
     arrays: dict[str, np.ndarray]  # MINIBATCH_FIELDS, rows grouped by prompt (G consecutive rows)
     completions: list[str]
     rewards: np.ndarray  # [B]
+    no_signal_p: np.ndarray  # bool [P]: all G rewards of the prompt equal (zero advantage, no learning signal)
     metrics: dict[str, float]
 
 
@@ -74,7 +75,7 @@ def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: 
     rewards_pg = rewards.reshape(len(rows), g)
     adv_pg = np.asarray(adv_lib.group_advantages(rewards_pg, method=c.algorithm.advantage,
                                                  eps=c.algorithm.advantage_eps))
-    no_signal = rewards_pg.max(1) == rewards_pg.min(1)
+    no_signal = np.asarray(adv_lib.zero_signal_groups(rewards_pg)[0])
     t2 = time.perf_counter()
     arrays = layout(host["pt"], host["pl"], host["t"], host["lp"], host["n"])
     if recompute is not None:
@@ -99,7 +100,7 @@ def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: 
         "tokens/generated": float(lengths.sum()),
     }
     metrics.update({f"reward/{k}": float(v) for k, v in (reward_metrics or {}).items()})
-    return Experience(arrays, completions, rewards, metrics)
+    return Experience(arrays, completions, rewards, no_signal, metrics)
 
 
 def minibatches(c: Config, exp: Experience, rng: np.random.Generator):
@@ -113,10 +114,7 @@ def minibatches(c: Config, exp: Experience, rng: np.random.Generator):
     arrays = exp.arrays
     idx = np.arange(len(exp.rewards))
     if a.filter_zero_signal:
-        g = c.rollout.num_samples
-        rewards_pg = exp.rewards.reshape(-1, g)
-        keep_p = rewards_pg.max(1) != rewards_pg.min(1)
-        idx = idx[np.repeat(keep_p, g)]
+        idx = idx[np.repeat(~exp.no_signal_p, c.rollout.num_samples)]
     if len(idx) == 0:
         return
     n_mb = -(-len(idx) // a.minibatch_size)

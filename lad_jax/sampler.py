@@ -221,6 +221,11 @@ def _call_key(seed) -> jax.Array:
     return jax.random.key(int(seed))
 
 
+
+def _unchanged(tree):
+    """Single-process inputs need no placement beyond what jit does."""
+    return tree
+
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -294,7 +299,6 @@ def generate(
     positions_pl = np.maximum(np.cumsum(valid_pl, axis=1) - 1, 0).astype(np.int32)
     lengths_p = valid_pl.sum(axis=1).astype(np.int32)
 
-    rows = num_prompts * num_samples
     rep = lambda a: np.repeat(a, num_samples, axis=0)  # noqa: E731
     if share_prefix:
         pre_inputs, pre_samples = (tokens_pl, positions_pl, valid_pl), num_samples
@@ -328,10 +332,10 @@ def generate(
             def put(a):
                 names = ("batch",) + (None,) * (a.ndim - 1)
                 return jax.device_put(a, NamedSharding(mesh, spec_for_shape(names, a.shape, mesh)))
+
+            put_replicated = _unchanged
         else:
-            put = jnp.asarray
-        if not multi:
-            put_replicated = lambda tree: tree  # noqa: E731
+            put, put_replicated = jnp.asarray, _unchanged
         pre_inputs = tuple(put(a) for a in pre_inputs)
         _PREFILL_ROWS["calls"] += 1
         _PREFILL_ROWS["rows"] += int(pre_inputs[0].shape[0])

@@ -139,7 +139,12 @@ class TrainStep:
                 grads_acc = jax.tree.map(jnp.add, grads_acc, g)
                 return (grads_acc, num_acc + num, den_acc + den, wsum), ntok
 
-            metric_names = self._metric_names(kwargs["loss"])
+            # The loss's own metric names (minus "loss", which is num / den below), read off an abstract call.
+            mb0 = jax.tree.map(lambda x: x[0], batch)
+            _, _, met0 = jax.eval_shape(lambda: losses.policy_loss(
+                mb0["old_logp_bt"], mb0["old_logp_bt"], mb0["advantages_b"], mb0["response_bt"],
+                entropy_bt=mb0["old_logp_bt"], **kwargs))
+            metric_names = tuple(k for k in met0 if k != "loss")
             zeros = jax.tree.map(jnp.zeros_like, params)
             init = (zeros, jnp.float32(0), jnp.float32(0), {k: jnp.float32(0) for k in metric_names})
             (grads, num, den, wsum), ntok_m = jax.lax.scan(micro, init, batch)
@@ -160,11 +165,6 @@ class TrainStep:
         self.batch_shardings = bsh
         self._fn = jax.jit(step_fn, in_shardings=(shardings, bsh), out_shardings=(shardings, replicated),
                            donate_argnums=(0,))
-
-    @staticmethod
-    def _metric_names(loss: str) -> tuple[str, ...]:
-        extra = {"lad": ("above_target_frac",), "grpo": ("clip_frac",), "gspo": ("clip_frac",), "pg": ()}[loss]
-        return ("ratio_mean", "approx_kl", "entropy") + extra
 
     def __call__(self, state, batch: dict[str, Any]):
         return self._fn(state, batch)

@@ -36,7 +36,7 @@ from lad_jax import experience, run_files, sampler
 from lad_jax import train_setup as setup_lib
 from lad_jax.checkpoint import CheckpointManager, install_preemption_handler
 from lad_jax.config import Config
-from lad_jax.metrics_log import DeferredMetrics, MetricsWriter
+from lad_jax.metrics_log import MetricsWriter
 from lad_jax.train_step import TrainStep, batch_sharding, init_train_state, make_logprob_fn
 
 _NEVER = 10**9
@@ -164,14 +164,12 @@ class Trainer:
             self.state, m = self.step_fn(self.state, batch)
             train_metrics.append(m)
             updates += 1
-        if train_metrics:
-            train = {k: float(np.mean([jax.device_get(m[k]) for m in train_metrics])) for k in train_metrics[0]}
-        else:
-            train = {}
+        host_metrics = jax.device_get(train_metrics)  # one transfer for all minibatches
+        train = {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]} if host_metrics else {}
         t2 = time.perf_counter()
         metrics = dict(exp.metrics)
         metrics.update(train)
-        total_tokens = float(sum(int(np.sum(mb_valid)) for mb_valid in [exp.arrays["valid_bt"]])) * c.algorithm.mu
+        total_tokens = float(exp.arrays["valid_bt"].sum()) * c.algorithm.mu
         metrics.update({
             "time/rollout_s": t1 - t0,
             "time/train_s": t2 - t1,
