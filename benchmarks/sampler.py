@@ -2,6 +2,7 @@
 
     python benchmarks/sampler.py                      # tiny + small, greedy + temperature 1, prints one JSON object
     python benchmarks/sampler.py --models small --repeats 5
+    python benchmarks/sampler.py --tunix-python /work/tunix-venv/bin/python  # + Tunix sampler (sampler_tunix.py)
 
 Workload (issue 4): 16 prompts x 64 tokens, exactly 128 new tokens (no stop tokens), greedy and temperature 1 over
 the full vocabulary; fp32 Qwen2-style checkpoints "tiny" and "small" with random weights, written once with
@@ -111,6 +112,23 @@ def bench_lad(model, prompts, new_tokens, repeats, temperature, **kw):
             "compile_s": max(0.0, first - best)}
 
 
+def bench_tunix(python, checkpoint, prompts, new_tokens, repeats, modes):
+    """Tunix's native sampler on the same checkpoint and prompt ids: benchmarks/sampler_tunix.py run by `python` (a
+    venv with google-tunix installed), returning its JSON."""
+    import subprocess
+
+    prompts_file = os.path.join(checkpoint, "prompts.json")
+    with open(prompts_file, "w") as f:
+        json.dump(prompts, f)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sampler_tunix.py")
+    cmd = [python, script, "--checkpoint", checkpoint, "--prompts-file", prompts_file, "--new-tokens",
+           str(new_tokens), "--repeats", str(repeats), "--modes", ",".join(modes)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)
+
+
 def weight_matmul_flops(cfg, rows):
     d, h, k, x, f, v, L = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size,
                            cfg.vocab_size, cfg.num_layers)
@@ -164,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--group-prompts", type=int, default=2)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--tunix-python", default=os.environ.get("LAD_TUNIX_PYTHON"),
+                    help="python of a venv with google-tunix: also time Tunix's sampler (env LAD_TUNIX_PYTHON)")
     args = ap.parse_args(argv)
 
     import jax
@@ -184,13 +204,20 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             hf = make_checkpoint(kind, tmp)
             model = from_pretrained(tmp)
-        cfg = model.config
-        # token 0 is the pad id; keep prompts free of it so no row is padded
-        prompts = rng.integers(1, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
+            cfg = model.config
+            # token 0 is the pad id; keep prompts free of it so no row is padded
+            prompts = rng.integers(1, cfg.vocab_size, (args.prompts, args.prompt_len)).tolist()
+            tunix = (bench_tunix(args.tunix_python, tmp, prompts, args.new_tokens, args.repeats,
+                                 ("greedy", "sampled_t1")) if args.tunix_python else None)
         r: dict = {"config": MODELS[kind]}
+        if tunix is not None:
+            r["tunix_run"] = {k: v for k, v in tunix.items() if k not in ("greedy", "sampled_t1")}
         for mode, temp in (("greedy", 0.0), ("sampled_t1", 1.0)):
             lad = bench_lad(model, prompts, args.new_tokens, args.repeats, temp)
             entry = {"lad_jax": lad}
+            if tunix is not None:
+                entry["tunix"] = tunix[mode]
+                entry["ratio_vs_tunix"] = lad["tokens_per_s"] / tunix[mode]["tokens_per_s"]
             if not args.skip_hf:
                 hfr = bench_hf(hf, prompts, args.new_tokens, args.hf_repeats, do_sample=temp > 0)
                 entry["transformers"] = hfr

@@ -1,23 +1,26 @@
-"""Grouped generation: a jitted prefill per prompt, then one jitted `lax.while_loop` decode over all samples.
+"""Grouped generation: a jitted prefill per prompt, then a jitted `lax.while_loop` decode over all samples.
 
 Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G rows:
 1. Prompts are left-padded to a bucketed length `Lp` (a power of two >= `min_prompt_bucket`), so a new prompt length
    reuses the compiled functions. Padding is masked out of attention; positions count real tokens only.
-2. `_prefill` (jitted) runs the model once over the P prompts into a KV cache of length `Lp + max_new_tokens`, then
-   repeats the cache and the last-position logits G times along the batch axis (prefix sharing: the prompt is
-   prefilled once, not G times). Row `p * G + g` is sample g of prompt p. The cache is handed to decode in the
-   per-layer form (`unstack_cache`), so each decode step neither slices stacked weights nor copies cache layers.
-3. `_decode` (jitted, cache donated so the `while_loop` updates it in place) draws the first token from the prefill
-   logits and then runs one model step per token (`Transformer.hidden_unrolled` over `layer_params()` split once,
-   outside the loop) until every row has emitted a stop token or the budget is spent.
-   Nothing returns to the host until the loop ends.
+2. `_prefill` (jitted) runs the model once over the P prompts into a KV cache, then repeats the cache and the
+   last-position logits G times along the batch axis (prefix sharing: the prompt is prefilled once, not G times).
+   Row `p * G + g` is sample g of prompt p. The cache is handed to decode in the per-layer form (`unstack_cache`),
+   so each decode step neither slices stacked weights nor copies cache layers.
+3. `_start` draws the first token from the prefill logits; `_decode` (jitted, state donated so the `lax.while_loop`
+   updates the cache in place) then runs one model step per token (`Transformer.hidden_unrolled` over
+   `layer_params()`, split once per call) until every row has emitted a stop token or the budget is spent.
+   The decode runs in a few phases over growing cache windows (`decode_windows`): attention in phase j reads the
+   `Lp + end_j` slots that can be filled by its last step instead of all `Lp + max_new_tokens`. The phases are
+   dispatched back to back (a batch that has stopped runs no more steps in later phases), so nothing returns to the
+   host until the end.
 
 RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is None); row r's stream is
 `uniform(fold_in(key, r), [max_new_tokens])`, drawn before the loop (inverse-CDF sampling needs one U[0, 1) per row
 and token), so rows and calls never share noise and the loop body does no RNG work.
 
 Compiled functions are cached by jax per static signature (model graph, rows, `Lp`, `max_new_tokens`, G, sampling
-mode, number of stop ids); temperature / top-k / top-p values and the seed are traced and never recompile.
+mode, number of stop ids, decode window); temperature / top-k / top-p values and the seed are traced and never recompile.
 `compile_counts()` reports how many times each function was traced (each trace is one compilation).
 """
 from __future__ import annotations
@@ -124,46 +127,53 @@ def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_l
 _prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "cache_len", "num_samples", "cache_dtype"))
 
 
-def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_ids, params: SamplingParams,
-                 key, pad_id, *, mode: SamplingMode, max_new_tokens: int):
-    _TRACES["decode"] += 1
-    model = nnx.merge(graphdef, state)
-    b, lp = valid_bl.shape
-    cache_len = cache["k"][0].shape[2]  # per-layer [b, k, s, x]
+def decode_windows(prompt_bucket: int, max_new_tokens: int, phases: int) -> tuple[tuple[int, int], ...]:
+    """The decode's phases as (end step, attention window) pairs.
+
+    Phase j runs decode steps up to `end_j` (exclusive) over a cache of `prompt_bucket + end_j` slots, so attention
+    reads only slots that can be filled by then, not the whole `prompt_bucket + max_new_tokens` (reading the cache is
+    the decode step's largest cost after the weight matmuls). Phase ends are multiples of 16 and phases shorter than
+    32 steps are merged: each distinct window is one compiled decode.
+    """
+    n = max(1, min(int(phases), max_new_tokens // 32))
+    ends = sorted({min(max_new_tokens, -(-max_new_tokens * j // n // 16) * 16) for j in range(1, n + 1)})
+    return tuple((e, prompt_bucket + e) for e in ends)
+
+
+def _split_layers_impl(graphdef, state):
+    return nnx.merge(graphdef, state).layer_params()
+
+
+# per-layer weights for the decode phases, sliced once per generate call (one copy of the block weights)
+_split_layers = jax.jit(_split_layers_impl, static_argnames=("graphdef",))
+
+
+def _emit(s: SamplerState, logits_bv, stop_ids, params: SamplingParams, pad_id, mode: SamplingMode) -> SamplerState:
+    """Draw token `s.step` for every live row from its logits and record it."""
+    u_b = jax.lax.dynamic_index_in_dim(s.uniform_bt, s.step, axis=1, keepdims=False)
+    tok_b, logp_b = sample_tokens_from_uniform(logits_bv, u_b, params, mode)
+    live_b = ~s.done_b
+    tok_b = jnp.where(live_b, tok_b, pad_id)
+    logp_b = jnp.where(live_b, logp_b, 0.0)
+    stop_b = jnp.any(tok_b[:, None] == stop_ids[None, :], axis=-1) & live_b
+    return s.replace(
+        step=s.step + 1,
+        last_b=tok_b,
+        tokens_bt=jax.lax.dynamic_update_index_in_dim(s.tokens_bt, tok_b, s.step, axis=1),
+        logprobs_bt=jax.lax.dynamic_update_index_in_dim(s.logprobs_bt, logp_b, s.step, axis=1),
+        lengths_b=s.lengths_b + live_b.astype(jnp.int32),
+        done_b=s.done_b | stop_b,
+    )
+
+
+def _start_impl(cache, logits_bv, stop_ids, params: SamplingParams, key, pad_id, *, mode: SamplingMode,
+                max_new_tokens: int):
+    """The decode's initial state with token 0 drawn from the prefill logits."""
+    _TRACES["decode_start"] += 1
+    b = logits_bv.shape[0]
     keys_b = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.uint32))
     # one U[0,1) per row and step, drawn up front: the loop body then does no RNG work (inverse-CDF sampling)
     uniform_bt = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys_b)
-    valid_bs = jnp.pad(valid_bl, ((0, 0), (0, cache_len - lp)))
-    slots = jnp.arange(cache_len)
-    layer_params = model.layer_params()  # sliced once here: loop-invariant inside the while_loop
-
-    def emit(s: SamplerState, logits_bv) -> SamplerState:
-        u_b = jax.lax.dynamic_index_in_dim(s.uniform_bt, s.step, axis=1, keepdims=False)
-        tok_b, logp_b = sample_tokens_from_uniform(logits_bv, u_b, params, mode)
-        live_b = ~s.done_b
-        tok_b = jnp.where(live_b, tok_b, pad_id)
-        logp_b = jnp.where(live_b, logp_b, 0.0)
-        stop_b = jnp.any(tok_b[:, None] == stop_ids[None, :], axis=-1) & live_b
-        return s.replace(
-            step=s.step + 1,
-            last_b=tok_b,
-            tokens_bt=jax.lax.dynamic_update_index_in_dim(s.tokens_bt, tok_b, s.step, axis=1),
-            logprobs_bt=jax.lax.dynamic_update_index_in_dim(s.logprobs_bt, logp_b, s.step, axis=1),
-            lengths_b=s.lengths_b + live_b.astype(jnp.int32),
-            done_b=s.done_b | stop_b,
-        )
-
-    def cond(s: SamplerState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done_b)
-
-    def body(s: SamplerState) -> SamplerState:
-        index = s.cache["index"]
-        mask_b1s = (valid_bs | ((slots >= lp) & (slots <= index))[None, :])[:, None, :]
-        pos_b1 = (positions_b + s.step - 1)[:, None]
-        hidden_b1d, cache = model.hidden_unrolled(s.last_b[:, None], pos_b1, layer_params=layer_params,
-                                                  cache=s.cache, mask_bts=mask_b1s)
-        return emit(s.replace(cache=cache), model.logits(hidden_b1d)[:, 0])
-
     init = SamplerState(
         step=jnp.zeros((), jnp.int32),
         cache=cache,
@@ -174,13 +184,49 @@ def _decode_impl(graphdef, state, cache, logits_bv, valid_bl, positions_b, stop_
         done_b=jnp.zeros((b,), bool),
         uniform_bt=uniform_bt,
     )
-    s = jax.lax.while_loop(cond, body, emit(init, logits_bv))
-    return (s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b), s.cache
+    return _emit(init, logits_bv, stop_ids, params, pad_id, mode)
+
+
+_start = jax.jit(_start_impl, static_argnames=("mode", "max_new_tokens"), donate_argnames=("cache",))
+
+
+def _decode_impl(graphdef, state, layer_params, s: SamplerState, valid_bl, positions_b, stop_ids,
+                 params: SamplingParams, pad_id, *, mode: SamplingMode, end_step: int, window: int):
+    """One decode phase: steps until `end_step` (or until every row has stopped) over a cache of `window` slots."""
+    _TRACES["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    lp = valid_bl.shape[1]
+    valid_bs = jnp.pad(valid_bl, ((0, 0), (0, window - lp)))
+    slots = jnp.arange(window)
+
+    def cond(s: SamplerState):
+        return (s.step < end_step) & ~jnp.all(s.done_b)
+
+    def body(s: SamplerState) -> SamplerState:
+        index = s.cache["index"]
+        mask_b1s = (valid_bs | ((slots >= lp) & (slots <= index))[None, :])[:, None, :]
+        pos_b1 = (positions_b + s.step - 1)[:, None]
+        hidden_b1d, cache = model.hidden_unrolled(s.last_b[:, None], pos_b1, layer_params=layer_params,
+                                                  cache=s.cache, mask_bts=mask_b1s)
+        return _emit(s.replace(cache=cache), model.logits(hidden_b1d)[:, 0], stop_ids, params, pad_id, mode)
+
+    return jax.lax.while_loop(cond, body, s)
 
 
 _decode = jax.jit(
-    _decode_impl, static_argnames=("graphdef", "mode", "max_new_tokens"), donate_argnames=("cache",)
+    _decode_impl, static_argnames=("graphdef", "mode", "end_step", "window"), donate_argnames=("s",)
 )
+
+
+def _grow_impl(s: SamplerState, *, window: int) -> SamplerState:
+    """Zero-extend the cache to `window` slots for the next phase (the new slots are still empty)."""
+    grow = window - s.cache["k"][0].shape[2]
+    pad = lambda a: constrain(jnp.pad(a, ((0, 0), (0, 0), (0, grow), (0, 0))), LAYER_CACHE_LOGICAL_AXES)  # noqa: E731
+    return s.replace(cache=dict(s.cache, k=tuple(map(pad, s.cache["k"])), v=tuple(map(pad, s.cache["v"]))))
+
+
+# not donated: the grown cache cannot reuse the smaller buffers
+_grow = jax.jit(_grow_impl, static_argnames=("window",))
 
 
 def _resolve_sampling(sampling, temperature, top_k, top_p) -> Sampling:
@@ -242,6 +288,7 @@ def generate(
     min_prompt_bucket: int = 16,
     cache_dtype=None,
     share_prefix: bool = True,
+    decode_phases: int = 4,
     mesh=None,
 ) -> SampleOutput:
     """Sample `num_samples` responses for each prompt (a list of token ids). See the module docstring.
@@ -250,6 +297,8 @@ def generate(
     temperature=0 is greedy). `seed`: int or typed PRNG key; None draws fresh entropy. `share_prefix=False` prefills
     every copy of a prompt separately (only for benchmarking the saving). `mesh`: a Mesh (default: the one set with
     `jax.set_mesh`, if any); rows are sharded over its ('data', 'fsdp') axes, parameters keep their own shardings.
+    `decode_phases`: how many growing attention windows the decode runs in (`decode_windows`; 1 = attend over the
+    whole cache every step); each window is one more compiled decode.
 
     Several processes (jax.distributed): every process calls `generate` with its own, equally many prompts and the
     global `mesh` (each host's devices a contiguous block of it); the rows of all hosts form one global batch and
@@ -266,6 +315,8 @@ def generate(
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
     if int(num_samples) < 1:
         raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    if int(decode_phases) < 1:
+        raise ValueError(f"generate: decode_phases must be >= 1, got {decode_phases}")
     max_new_tokens, num_samples = int(max_new_tokens), int(num_samples)
     config = model.config
     vocab = config.vocab_size
@@ -290,6 +341,7 @@ def generate(
         raise ValueError(
             f"generate: bucketed prompt length {lp} + max_new_tokens {max_new_tokens} exceeds the model's "
             f"max_position_embeddings={config.max_position_embeddings}; shorten prompts or max_new_tokens")
+    windows = decode_windows(lp, max_new_tokens, decode_phases)
 
     tokens_pl = np.full((num_prompts, lp), pad_id, np.int32)
     valid_pl = np.zeros((num_prompts, lp), bool)
@@ -340,13 +392,19 @@ def generate(
         _PREFILL_ROWS["calls"] += 1
         _PREFILL_ROWS["rows"] += int(pre_inputs[0].shape[0])
         logits_bv, cache = _prefill(
-            graphdef, state, *pre_inputs, cache_len=cache_len, num_samples=pre_samples, cache_dtype=dtype
+            graphdef, state, *pre_inputs, cache_len=windows[0][1], num_samples=pre_samples, cache_dtype=dtype
         )
-        (tokens_bt, logprobs_bt, lengths_b, stopped_b), _ = _decode(
-            graphdef, state, cache, logits_bv, put(rep(valid_pl)), put(rep(lengths_p)),
-            *put_replicated((jnp.asarray(stop_ids), method.params(), key, jnp.asarray(pad_id, jnp.int32))),
-            mode=mode, max_new_tokens=max_new_tokens,
-        )
+        stop_ids, params, key, pad = put_replicated(
+            (jnp.asarray(stop_ids), method.params(), key, jnp.asarray(pad_id, jnp.int32)))
+        valid_bl, positions_b = put(rep(valid_pl)), put(rep(lengths_p))
+        s = _start(cache, logits_bv, stop_ids, params, key, pad, mode=mode, max_new_tokens=max_new_tokens)
+        layer_params = _split_layers(graphdef, state)
+        for end_step, window in windows:  # dispatched back to back: no host sync between phases
+            if window > s.cache["k"][0].shape[2]:
+                s = _grow(s, window=window)
+            s = _decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
+                        mode=mode, end_step=end_step, window=window)
+        tokens_bt, logprobs_bt, lengths_b, stopped_b = s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b
         if multi:  # back to this process's rows, the same rows it passed in
             tokens_bt, logprobs_bt, lengths_b, stopped_b = (
                 multihost_utils.global_array_to_host_local_array(x, mesh, row_spec(x.shape[0], x.ndim))

@@ -111,6 +111,42 @@ def test_behaviour_logprobs_equal_training_forward(models, temperature, top_k, t
     assert diff <= 1e-4
 
 
+def test_decode_windows():
+    assert sampler.decode_windows(64, 128, 4) == ((32, 96), (64, 128), (96, 160), (128, 192))
+    assert sampler.decode_windows(16, 100, 4) == ((48, 64), (80, 96), (100, 116))
+    assert sampler.decode_windows(16, 12, 4) == ((12, 28),)  # too short to split
+    assert sampler.decode_windows(32, 128, 1) == ((128, 160),)
+
+
+def test_phased_decode_equals_one_window_and_transformers(models):
+    """96 new tokens = 3 attention windows: same tokens as transformers and as a single full-cache window, including
+    rows that stop in the first window and rows that stop in the second."""
+    hf, model, _ = models
+    new = 96
+    free = generate(model, PROMPTS, max_new_tokens=new, temperature=0.0, pad_id=PAD)
+    assert free.responses() == _hf_greedy(hf, PROMPTS, new, ())
+    r0, r1 = free.responses()[:2]
+    # a stop token ending prompt 0 inside window 1 and one ending prompt 1 inside window 2 (first occurrences)
+    a = next(r0[i] for i in range(4, 30) if r0[i] not in r0[:i] and r0[i] not in r1[:64])
+    b = next(r1[j] for j in range(33, 64) if r1[j] not in r1[:j] and r1[j] not in r0[: r0.index(a)])
+    stops = (a, b)
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, seed=5)):
+        before = sampler.compile_counts().get("decode", 0)
+        phased = generate(model, PROMPTS, num_samples=2, max_new_tokens=new, stop_token_ids=stops, pad_id=PAD, **kw)
+        assert sampler.compile_counts().get("decode", 0) - before in (0, 3)  # one compile per window
+        whole = generate(model, PROMPTS, num_samples=2, max_new_tokens=new, stop_token_ids=stops, pad_id=PAD,
+                         decode_phases=1, **kw)
+        assert phased.responses() == whole.responses()
+        np.testing.assert_allclose(np.asarray(phased.logprobs_bt), np.asarray(whole.logprobs_bt), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(phased.stopped_b), np.asarray(whole.stopped_b))
+        if kw["temperature"] == 0.0:  # prompt 0 stops in window 1 (steps < 32), prompt 1 in window 2 (32..63)
+            lengths = np.asarray(phased.lengths_b)
+            assert lengths[0] == lengths[1] < 32 < lengths[2] == lengths[3] < 64, lengths
+    # a batch that stops inside the first window runs no steps in the later ones
+    early = generate(model, PROMPTS[:1], max_new_tokens=new, stop_token_ids=[a], temperature=0.0, pad_id=PAD)
+    assert early.responses() == [r0[: r0.index(a) + 1]]
+
+
 def test_groups_prefill_once_and_attribution(models):
     _, model, _ = models
     g = 4

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lad_jax.sampling import Sampling, sample_tokens, truncated_probs
+from lad_jax.sampling import Sampling, inverse_cdf, sample_tokens, truncated_probs
 
 
 def reference_probs(logits, temperature, top_k, top_p):
@@ -69,6 +69,37 @@ def test_frequencies_match_exact_distribution(draw, sampling):
     # behaviour log-prob: full-vocabulary log_softmax(logits / T) at the token, whatever the truncation
     full = jax.nn.log_softmax(jnp.asarray(LOGITS) / sampling.temperature)
     np.testing.assert_allclose(logp, np.asarray(full)[tok], atol=1e-6)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.8, top_k=40), Sampling(1.0, top_p=0.7)])
+def test_frequencies_on_a_vocabulary_of_many_cdf_blocks(draw, sampling):
+    """700 tokens = 5.5 inverse-CDF blocks (the last one padded): frequencies still match the exact distribution."""
+    logits = (1.5 * np.random.default_rng(3).normal(size=700)).astype(np.float32)
+    tok, logp = draw(sampling, logits=logits, n=60_000)
+    exact = reference_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    freq = np.bincount(tok, minlength=logits.size) / tok.size
+    tol = 5 * np.sqrt(exact * (1 - exact) / tok.size) + 1e-3
+    assert np.all(np.abs(freq - exact) <= tol), np.abs(freq - exact).max()
+    assert np.all(freq[exact == 0] == 0)
+    full = np.asarray(jax.nn.log_softmax(jnp.asarray(logits) / sampling.temperature))
+    np.testing.assert_allclose(logp, full[tok], atol=1e-5)
+
+
+def test_inverse_cdf_equals_a_flat_float64_search():
+    """The two-level draw picks the index a float64 running sum over the whole row picks, and never a zero weight."""
+    rng = np.random.default_rng(4)
+    v, n = 1000, 4096
+    q = rng.exponential(size=(n, v)).astype(np.float32)
+    q[:, 128:256] = 0.0  # a whole empty block
+    q[:, 127] = q[:, 256] = q[:, 999] = 0.0  # zeros at block edges and at the padded end
+    q[: n // 2, rng.random(v) < 0.7] = 0.0  # sparse rows, like a truncated distribution
+    u = rng.random(n).astype(np.float32)
+    got = np.asarray(jax.jit(inverse_cdf)(jnp.asarray(q), jnp.asarray(u)))
+    cdf = np.cumsum(q.astype(np.float64), axis=1)
+    want = np.argmax(cdf >= ((1.0 - u.astype(np.float64)) * cdf[:, -1])[:, None], axis=1)
+    assert np.all(q[np.arange(n), got] > 0)
+    # rounding may move a draw that falls within float32 epsilon of a boundary to the neighbouring kept token
+    assert (got == want).mean() >= 0.999, (got != want).sum()
 
 
 def test_greedy_is_argmax_with_temperature_one_logprob(draw):
