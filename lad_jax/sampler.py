@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 
-from lad_jax.models.cache import CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, init_cache, unstack_cache
+from lad_jax.models.cache import (CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS,
+                                  init_cache, unstack_cache)
 from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens_from_uniform
 from lad_jax.sharding import constrain, spec_for_shape
 
@@ -115,10 +116,11 @@ def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_l
     logits_pv = model.logits(hidden_ptd[:, -1:])[:, 0]
     cache = unstack_cache(cache)
 
-    def per_row(a):
-        return constrain(jnp.repeat(a, num_samples, axis=0) if num_samples > 1 else a, LAYER_CACHE_LOGICAL_AXES)
+    def per_row(name):
+        rep = (lambda a: jnp.repeat(a, num_samples, axis=0)) if num_samples > 1 else (lambda a: a)
+        return tuple(constrain(rep(a), LAYER_CACHE_LOGICAL_AXES[name]) for a in cache[name])
 
-    cache = {"k": tuple(map(per_row, cache["k"])), "v": tuple(map(per_row, cache["v"])), "index": cache["index"]}
+    cache = {"k": per_row("k"), "v": per_row("v"), "index": cache["index"]}
     if num_samples > 1:
         logits_pv = jnp.repeat(logits_pv, num_samples, axis=0)
     return constrain(logits_pv, ("batch", "act_vocab")), cache
@@ -220,9 +222,13 @@ _decode = jax.jit(
 
 def _grow_impl(s: SamplerState, *, window: int) -> SamplerState:
     """Zero-extend the cache to `window` slots for the next phase (the new slots are still empty)."""
-    grow = window - s.cache["k"][0].shape[2]
-    pad = lambda a: constrain(jnp.pad(a, ((0, 0), (0, 0), (0, grow), (0, 0))), LAYER_CACHE_LOGICAL_AXES)  # noqa: E731
-    return s.replace(cache=dict(s.cache, k=tuple(map(pad, s.cache["k"])), v=tuple(map(pad, s.cache["v"]))))
+    def grown(name):
+        axis = LAYER_CACHE_SEQUENCE_AXIS[name]
+        widths = [(0, 0)] * 4
+        widths[axis] = (0, window - s.cache[name][0].shape[axis])
+        return tuple(constrain(jnp.pad(a, widths), LAYER_CACHE_LOGICAL_AXES[name]) for a in s.cache[name])
+
+    return s.replace(cache=dict(s.cache, k=grown("k"), v=grown("v")))
 
 
 # not donated: the grown cache cannot reuse the smaller buffers
@@ -400,7 +406,7 @@ def generate(
         s = _start(cache, logits_bv, stop_ids, params, key, pad, mode=mode, max_new_tokens=max_new_tokens)
         layer_params = _split_layers(graphdef, state)
         for end_step, window in windows:  # dispatched back to back: no host sync between phases
-            if window > s.cache["k"][0].shape[2]:
+            if window > s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]]:
                 s = _grow(s, window=window)
             s = _decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
                         mode=mode, end_step=end_step, window=window)

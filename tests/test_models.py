@@ -155,7 +155,7 @@ def test_create_model_sharded_init(models):
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
 def test_unrolled_per_layer_decode_matches_stacked_cache(models, kind):
-    """`hidden_unrolled` (per-layer weights and [b, k, s, x] cache, the sampler's decode path) == stacked `hidden`."""
+    """`hidden_unrolled` (per-layer weights and decode-layout cache, the sampler's decode path) == stacked `hidden`."""
     from lad_jax.models.cache import stack_cache, unstack_cache
 
     model = models[kind]
@@ -167,7 +167,8 @@ def test_unrolled_per_layer_decode_matches_stacked_cache(models, kind):
     prefill_mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= jnp.arange(prefix)[:, None], (b, prefix, s))
     _, ref_cache = step(model, tokens[:, :prefix], positions[:, :prefix], ref_cache, prefill_mask)
     cache = jax.tree.map(jnp.copy, unstack_cache(ref_cache))  # `step` donates ref_cache
-    assert len(cache["k"]) == cfg.num_layers and cache["k"][0].shape == (b, cfg.num_kv_heads, s, cfg.head_dim)
+    assert len(cache["k"]) == cfg.num_layers and cache["k"][0].shape == (b, cfg.num_kv_heads, cfg.head_dim, s)
+    assert cache["v"][0].shape == (b, cfg.num_kv_heads, s, cfg.head_dim)
     np.testing.assert_array_equal(np.asarray(stack_cache(cache)["k"]), np.asarray(ref_cache["k"]))
 
     @nnx.jit
@@ -181,6 +182,14 @@ def test_unrolled_per_layer_decode_matches_stacked_cache(models, kind):
         got, cache = unrolled(model, tokens[:, i:i + 1], positions[:, i:i + 1], cache, mask)
         assert int(cache["index"]) == int(ref_cache["index"]) == i + 1
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    # two query tokens at once (t > 1: the grouped score product folds g and t together)
+    i = prefix + steps
+    extra = jax.random.randint(jax.random.key(5), (b, 2), 0, cfg.vocab_size)
+    pos2 = jnp.broadcast_to(jnp.arange(i, i + 2), (b, 2))
+    mask = jnp.broadcast_to(jnp.arange(s)[None, :] <= jnp.arange(i, i + 2)[:, None], (b, 2, s))
+    want, ref_cache = step(model, extra, pos2, ref_cache, mask)
+    got, cache = unrolled(model, extra, pos2, cache, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
     back = stack_cache(cache)
     for name in ("k", "v"):
         np.testing.assert_allclose(np.asarray(back[name]), np.asarray(ref_cache[name]), atol=1e-6, rtol=0)

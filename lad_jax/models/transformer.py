@@ -3,7 +3,7 @@
 Layer weights are stacked on a leading `layers` axis and the forward runs `lax.scan` over them, so compile time
 does not grow with depth and the stacked KV cache `[l, b, s, k, x]` is updated in place. The sampler's decode loop
 instead uses `hidden_unrolled`: the same `decoder_layer` unrolled over per-layer weights sliced once per generate call
-and a per-layer `[b, k, s, x]` cache, because scanning stacked arrays copies every layer's weights and cache slice
+and a per-layer cache (`LAYER_CACHE_LAYOUT`), because scanning stacked arrays copies every layer's weights and cache slice
 (and transposes the cache for attention) on every step.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lad_jax.models.cache import LAYER_CACHE_LAYOUT
 from lad_jax.models.config import ModelConfig, rope_inv_freq
 from lad_jax.sharding import constrain
 
@@ -100,21 +101,29 @@ def apply_rope(x_bthx, cos_btx, sin_btx):
     return out.astype(x_bthx.dtype)
 
 
-def attention(q_bthx, k_all, v_all, mask_bts, kv_layout="bskx"):
+def attention(q_bthx, k_all, v_all, mask_bts, kv_layout=("bskx", "bskx")):
     """Grouped-query attention without repeating K/V; scores and softmax in float32.
 
-    `kv_layout`: "bskx" (the stacked cache's layer slice) or "bksx" (the per-layer decode cache: batch and kv-head
-    leading, so the t=1 score and value products need no transposed copy of the cache).
+    `kv_layout`: the (keys, values) axis orders: "bskx" for both (the stacked cache's layer slice, or no cache) or
+    the per-layer decode cache's `LAYER_CACHE_LAYOUT` (batch and kv-head leading, so the t=1 score and value
+    products read the cache where it lies, without a transposed copy).
     """
+    k_layout, v_layout = kv_layout
     b, t, h, x = q_bthx.shape
-    kh = k_all.shape[kv_layout.index("k")]
+    kh = k_all.shape[k_layout.index("k")]
     q = q_bthx.reshape(b, t, kh, h // kh, x)
-    scores = jnp.einsum(f"btkgx,{kv_layout}->bkgts", q, k_all, preferred_element_type=jnp.float32)
+    if k_layout == "bkxs":
+        # as one [g*t, x] @ [x, s] product per (b, k): XLA:CPU lowers the 5-d form with t to a much slower dot
+        q_bkmx = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, (h // kh) * t, x)
+        scores = jnp.einsum("bkmx,bkxs->bkms", q_bkmx, k_all, preferred_element_type=jnp.float32)
+        scores = scores.reshape(b, kh, h // kh, t, -1)
+    else:
+        scores = jnp.einsum(f"btkgx,{k_layout}->bkgts", q, k_all, preferred_element_type=jnp.float32)
     scores = scores * (x ** -0.5)
     scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
     # the product keeps (b, k) leading as in its operands; XLA:CPU lowers a "->btkgx" output to a slower dot
-    out = jnp.einsum(f"bkgts,{kv_layout}->bkgtx", probs, v_all)
+    out = jnp.einsum(f"bkgts,{v_layout}->bkgtx", probs, v_all)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, x)
 
 
@@ -126,7 +135,7 @@ def project(hidden_btd, w, tied: bool, dtype):
     return constrain(out, ("batch", "sequence", "act_vocab"))
 
 
-def decoder_layer(c: ModelConfig, x, p, cos, sin, mask_bts, write_kv, kv_layout="bskx"):
+def decoder_layer(c: ModelConfig, x, p, cos, sin, mask_bts, write_kv, kv_layout=("bskx", "bskx")):
     """One pre-norm decoder block on `x` `[b, t, d]` with one layer's weights `p`.
 
     `write_kv(k_btkx, v_btkx) -> (k_all_bskx, v_all_bskx, new_kv)` stores the new keys/values in a cache and returns
@@ -265,14 +274,14 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for p, k_cache, v_cache in zip(layer_params, cache["k"], cache["v"]):
             def write(k_btkx, v_btkx, k_cache=k_cache, v_cache=v_cache):
-                start = (0, 0, index, 0)
                 k_cache = jax.lax.dynamic_update_slice(
-                    k_cache, k_btkx.transpose(0, 2, 1, 3).astype(k_cache.dtype), start)
+                    k_cache, k_btkx.transpose(0, 2, 3, 1).astype(k_cache.dtype), (0, 0, 0, index))
                 v_cache = jax.lax.dynamic_update_slice(
-                    v_cache, v_btkx.transpose(0, 2, 1, 3).astype(v_cache.dtype), start)
+                    v_cache, v_btkx.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
                 return k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
 
-            x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, mask_bts, write, "bksx")
+            x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, mask_bts, write,
+                                                  (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"]))
             new_k.append(k_cache)
             new_v.append(v_cache)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
