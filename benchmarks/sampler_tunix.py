@@ -1,8 +1,11 @@
 """Tunix's native JAX sampler timed on an HF Qwen2 checkpoint (the baseline for benchmarks/sampler.py, issue 4).
 
 Run with the Python of a separate venv that has google-tunix installed (Tunix pins its own dependency set, so it does
-not live in the lad_jax venv); benchmarks/sampler.py calls this script with `--tunix-python PATH`:
+not live in the lad_jax venv); benchmarks/sampler.py calls this script with `--tunix-python PATH`. The venv used for
+the numbers in the README (Tunix 0.1.7 works with lad_jax's jax 0.10.2 / flax 0.12.8):
 
+    python3.11 -m venv /work/tunix-venv
+    /work/tunix-venv/bin/pip install "google-tunix==0.1.7" "torch==2.13.0" "jax==0.10.2" "jaxlib==0.10.2" "flax==0.12.8"
     /work/tunix-venv/bin/python benchmarks/sampler_tunix.py --checkpoint DIR --prompts-file prompts.json \
         --new-tokens 128 --repeats 5 --modes greedy,sampled_t1
 
