@@ -16,9 +16,9 @@ listed too, since other processes share the cores):
 - the decode step's share of the attainable matmul throughput: a jitted `fori_loop` of the decode step's weight matmuls
   (same shapes, 16 rows, per-layer weights as separate arrays: the best case for those matmuls) timed in the same run
   gives the attainable FLOP/s; the decode step's FLOP/s counts the same weight-matmul FLOPs per token step (attention,
-  norms and sampling are extra work done for free in this accounting, so the fraction is conservative); for the
-  default decode (attention over growing cache windows) and one full-cache window (`single_window_*`,
-  `decode_phases=1`);
+  norms and sampling are extra work done for free in this accounting, so the fraction is conservative); greedy with
+  the default decode (attention over growing cache windows), temperature 1 (`sampled_t1_*`) and greedy with one
+  full-cache window (`single_window_*`, `decode_phases=1`);
 - the grouped case (2 prompts x G=8) with the prompt prefilled once vs once per copy.
 """
 from __future__ import annotations
@@ -230,6 +230,7 @@ def main(argv=None):
         # decode step time: full generate minus a prefill-plus-first-token generate, per remaining step; the default
         # decode (growing attention windows, `decode_phases=4`) and one full-cache window (`decode_phases=1`)
         one = bench_lad(model, prompts, 1, args.repeats, 0.0)
+        one_sampled = bench_lad(model, prompts, 1, args.repeats, 1.0)
         whole = bench_lad(model, prompts, args.new_tokens, args.repeats, 0.0, decode_phases=1)
         chain_best, chain_med = matmul_chain_seconds(cfg, args.prompts, args.new_tokens - 1, args.repeats)
         flops = weight_matmul_flops(cfg, args.prompts)
@@ -240,8 +241,10 @@ def main(argv=None):
             "matmul_chain_median_step_ms": 1e3 * chain_med,
             "attainable_gflops": flops / chain_best / 1e9,
         }
-        for name, full_s in (("", r["greedy"]["lad_jax"]["seconds"]), ("single_window_", whole["seconds"])):
-            step_s = (full_s - one["seconds"]) / (args.new_tokens - 1)
+        for name, full_s, first_s in (("", r["greedy"]["lad_jax"]["seconds"], one["seconds"]),
+                                      ("sampled_t1_", r["sampled_t1"]["lad_jax"]["seconds"], one_sampled["seconds"]),
+                                      ("single_window_", whole["seconds"], one["seconds"])):
+            step_s = (full_s - first_s) / (args.new_tokens - 1)
             r["decode_step"].update({
                 f"{name}step_ms": 1e3 * step_s,
                 f"{name}achieved_gflops": flops / step_s / 1e9,

@@ -201,9 +201,9 @@ def test_sharded_greedy_equals_single_device(models):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded = from_pretrained(directory, mesh=mesh)
     prompts = PROMPTS + [[9, 8, 7]]  # 4 prompts x 2 samples = 8 rows over data*fsdp = 4
-    single = generate(model, prompts, num_samples=2, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD)
-    out = generate(sharded, prompts, num_samples=2, max_new_tokens=MAX_NEW, temperature=0.0, pad_id=PAD,
-                   mesh=mesh)
+    # 64 new tokens: two attention windows, so the sharded cache is also grown between decode phases
+    single = generate(model, prompts, num_samples=2, max_new_tokens=64, temperature=0.0, pad_id=PAD)
+    out = generate(sharded, prompts, num_samples=2, max_new_tokens=64, temperature=0.0, pad_id=PAD, mesh=mesh)
     assert len(out.tokens_bt.sharding.device_set) == 8
     assert out.responses() == single.responses()
     np.testing.assert_allclose(np.asarray(out.logprobs_bt), np.asarray(single.logprobs_bt), atol=1e-5)
