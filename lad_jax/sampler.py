@@ -1,13 +1,14 @@
 """Grouped generation: a jitted prefill per prompt, then a jitted `lax.while_loop` decode over all samples.
 
-Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G rows:
+Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G rows (the jitted pieces live in
+`lad_jax/sampler_loop.py`):
 1. Prompts are left-padded to a bucketed length `Lp` (a power of two >= `min_prompt_bucket`), so a new prompt length
    reuses the compiled functions. Padding is masked out of attention; positions count real tokens only.
-2. `_prefill` (jitted) runs the model once over the P prompts into a KV cache, then repeats the cache and the
+2. `prefill` (jitted) runs the model once over the P prompts into a KV cache, then repeats the cache and the
    last-position logits G times along the batch axis (prefix sharing: the prompt is prefilled once, not G times).
    Row `p * G + g` is sample g of prompt p. The cache is handed to decode in the per-layer form (`unstack_cache`),
    so each decode step neither slices stacked weights nor copies cache layers.
-3. `_start` draws the first token from the prefill logits; `_decode` (jitted, state donated so the `lax.while_loop`
+3. `start` draws the first token from the prefill logits; `decode` (jitted, state donated so the `lax.while_loop`
    updates the cache in place) then runs one model step per token (`Transformer.hidden_unrolled` over
    `layer_params()`, split once per call) until every row has emitted a stop token or the budget is spent.
    The decode runs in a few phases over growing cache windows (`decode_windows`): attention in phase j reads the
@@ -20,7 +21,8 @@ RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is 
 and token), so rows and calls never share noise and the loop body does no RNG work.
 
 Compiled functions are cached by jax per static signature (model graph, rows, `Lp`, `max_new_tokens`, G, sampling
-mode, number of stop ids, decode window); temperature / top-k / top-p values and the seed are traced and never recompile.
+mode, number of stop ids, decode window); temperature / top-k / top-p values and the seed are traced and never
+recompile.
 `compile_counts()` reports how many times each function was traced (each trace is one compilation).
 """
 from __future__ import annotations
@@ -36,18 +38,18 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 
-from lad_jax.models.cache import (CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS,
-                                  init_cache, unstack_cache)
-from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens_from_uniform
-from lad_jax.sharding import constrain, spec_for_shape
+from lad_jax import sampler_loop
+from lad_jax.models.cache import LAYER_CACHE_SEQUENCE_AXIS
+from lad_jax.sampler_loop import decode_windows  # noqa: F401  (public: the decode's phase schedule)
+from lad_jax.sampling import Sampling
+from lad_jax.sharding import spec_for_shape
 
-_TRACES: collections.Counter = collections.Counter()
 _PREFILL_ROWS: collections.Counter = collections.Counter()
 
 
 def compile_counts() -> dict[str, int]:
-    """How many times `prefill` / `decode` were traced (= compiled) in this process."""
-    return dict(_TRACES)
+    """How many times each jitted sampler function (`sampler_loop`) was traced (= compiled) in this process."""
+    return dict(sampler_loop.TRACES)
 
 
 def prefill_rows() -> dict[str, int]:
@@ -82,157 +84,9 @@ class SampleOutput:
         return [toks[i, : lens[i]].tolist() for i in range(toks.shape[0])]
 
 
-@struct.dataclass
-class SamplerState:
-    """The decode loop's carry. `step` tokens have been written to `tokens_bt`; `last_b` is token `step - 1`."""
-
-    step: jax.Array  # int32[]
-    cache: dict
-    last_b: jax.Array  # int32 [B]
-    tokens_bt: jax.Array
-    logprobs_bt: jax.Array
-    lengths_b: jax.Array
-    done_b: jax.Array  # bool [B] stop token emitted
-    uniform_bt: jax.Array  # float32 [B, T] the RNG stream: row b's U[0, 1) draw for token t
-
-
 def bucket_length(n: int, minimum: int = 16) -> int:
     """Smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_len, num_samples, cache_dtype):
-    _TRACES["prefill"] += 1
-    model = nnx.merge(graphdef, state)
-    p, lp = tokens_pl.shape
-    cache = init_cache(model.config, p, cache_len, cache_dtype)
-    cache = {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
-    slots = jnp.arange(cache_len)
-    causal_ts = slots[None, :] <= jnp.arange(lp)[:, None]
-    valid_ps = jnp.pad(valid_pl, ((0, 0), (0, cache_len - lp)))
-    mask_pts = causal_ts[None] & valid_ps[:, None, :]
-    hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask_bts=mask_pts)
-    # left padding puts every prompt's last token at the last position
-    logits_pv = model.logits(hidden_ptd[:, -1:])[:, 0]
-    cache = unstack_cache(cache)
-
-    def per_row(name):
-        rep = (lambda a: jnp.repeat(a, num_samples, axis=0)) if num_samples > 1 else (lambda a: a)
-        return tuple(constrain(rep(a), LAYER_CACHE_LOGICAL_AXES[name]) for a in cache[name])
-
-    cache = {"k": per_row("k"), "v": per_row("v"), "index": cache["index"]}
-    if num_samples > 1:
-        logits_pv = jnp.repeat(logits_pv, num_samples, axis=0)
-    return constrain(logits_pv, ("batch", "act_vocab")), cache
-
-
-_prefill = jax.jit(_prefill_impl, static_argnames=("graphdef", "cache_len", "num_samples", "cache_dtype"))
-
-
-def decode_windows(prompt_bucket: int, max_new_tokens: int, phases: int) -> tuple[tuple[int, int], ...]:
-    """The decode's phases as (end step, attention window) pairs.
-
-    Phase j runs decode steps up to `end_j` (exclusive) over a cache of `prompt_bucket + end_j` slots, so attention
-    reads only slots that can be filled by then, not the whole `prompt_bucket + max_new_tokens` (reading the cache is
-    the decode step's largest cost after the weight matmuls). Phase ends are multiples of 16 and phases shorter than
-    32 steps are merged: each distinct window is one compiled decode.
-    """
-    n = max(1, min(int(phases), max_new_tokens // 32))
-    ends = sorted({min(max_new_tokens, -(-max_new_tokens * j // n // 16) * 16) for j in range(1, n + 1)})
-    return tuple((e, prompt_bucket + e) for e in ends)
-
-
-def _split_layers_impl(graphdef, state):
-    return nnx.merge(graphdef, state).layer_params()
-
-
-# per-layer weights for the decode phases, sliced once per generate call (one copy of the block weights)
-_split_layers = jax.jit(_split_layers_impl, static_argnames=("graphdef",))
-
-
-def _emit(s: SamplerState, logits_bv, stop_ids, params: SamplingParams, pad_id, mode: SamplingMode) -> SamplerState:
-    """Draw token `s.step` for every live row from its logits and record it."""
-    u_b = jax.lax.dynamic_index_in_dim(s.uniform_bt, s.step, axis=1, keepdims=False)
-    tok_b, logp_b = sample_tokens_from_uniform(logits_bv, u_b, params, mode)
-    live_b = ~s.done_b
-    tok_b = jnp.where(live_b, tok_b, pad_id)
-    logp_b = jnp.where(live_b, logp_b, 0.0)
-    stop_b = jnp.any(tok_b[:, None] == stop_ids[None, :], axis=-1) & live_b
-    return s.replace(
-        step=s.step + 1,
-        last_b=tok_b,
-        tokens_bt=jax.lax.dynamic_update_index_in_dim(s.tokens_bt, tok_b, s.step, axis=1),
-        logprobs_bt=jax.lax.dynamic_update_index_in_dim(s.logprobs_bt, logp_b, s.step, axis=1),
-        lengths_b=s.lengths_b + live_b.astype(jnp.int32),
-        done_b=s.done_b | stop_b,
-    )
-
-
-def _start_impl(cache, logits_bv, stop_ids, params: SamplingParams, key, pad_id, *, mode: SamplingMode,
-                max_new_tokens: int):
-    """The decode's initial state with token 0 drawn from the prefill logits."""
-    _TRACES["decode_start"] += 1
-    b = logits_bv.shape[0]
-    keys_b = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(b, dtype=jnp.uint32))
-    # one U[0,1) per row and step, drawn up front: the loop body then does no RNG work (inverse-CDF sampling)
-    uniform_bt = jax.vmap(lambda k: jax.random.uniform(k, (max_new_tokens,), jnp.float32))(keys_b)
-    init = SamplerState(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        last_b=jnp.zeros((b,), jnp.int32),
-        tokens_bt=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        logprobs_bt=jnp.zeros((b, max_new_tokens), jnp.float32),
-        lengths_b=jnp.zeros((b,), jnp.int32),
-        done_b=jnp.zeros((b,), bool),
-        uniform_bt=uniform_bt,
-    )
-    return _emit(init, logits_bv, stop_ids, params, pad_id, mode)
-
-
-_start = jax.jit(_start_impl, static_argnames=("mode", "max_new_tokens"), donate_argnames=("cache",))
-
-
-def _decode_impl(graphdef, state, layer_params, s: SamplerState, valid_bl, positions_b, stop_ids,
-                 params: SamplingParams, pad_id, *, mode: SamplingMode, end_step: int, window: int):
-    """One decode phase: steps until `end_step` (or until every row has stopped) over a cache of `window` slots."""
-    _TRACES["decode"] += 1
-    model = nnx.merge(graphdef, state)
-    lp = valid_bl.shape[1]
-    valid_bs = jnp.pad(valid_bl, ((0, 0), (0, window - lp)))
-    slots = jnp.arange(window)
-
-    def cond(s: SamplerState):
-        return (s.step < end_step) & ~jnp.all(s.done_b)
-
-    def body(s: SamplerState) -> SamplerState:
-        index = s.cache["index"]
-        mask_b1s = (valid_bs | ((slots >= lp) & (slots <= index))[None, :])[:, None, :]
-        pos_b1 = (positions_b + s.step - 1)[:, None]
-        hidden_b1d, cache = model.hidden_unrolled(s.last_b[:, None], pos_b1, layer_params=layer_params,
-                                                  cache=s.cache, mask_bts=mask_b1s)
-        return _emit(s.replace(cache=cache), model.logits(hidden_b1d)[:, 0], stop_ids, params, pad_id, mode)
-
-    return jax.lax.while_loop(cond, body, s)
-
-
-_decode = jax.jit(
-    _decode_impl, static_argnames=("graphdef", "mode", "end_step", "window"), donate_argnames=("s",)
-)
-
-
-def _grow_impl(s: SamplerState, *, window: int) -> SamplerState:
-    """Zero-extend the cache to `window` slots for the next phase (the new slots are still empty)."""
-    def grown(name):
-        axis = LAYER_CACHE_SEQUENCE_AXIS[name]
-        widths = [(0, 0)] * 4
-        widths[axis] = (0, window - s.cache[name][0].shape[axis])
-        return tuple(constrain(jnp.pad(a, widths), LAYER_CACHE_LOGICAL_AXES[name]) for a in s.cache[name])
-
-    return s.replace(cache=dict(s.cache, k=grown("k"), v=grown("v")))
-
-
-# not donated: the grown cache cannot reuse the smaller buffers
-_grow = jax.jit(_grow_impl, static_argnames=("window",))
 
 
 def _resolve_sampling(sampling, temperature, top_k, top_p) -> Sampling:
@@ -397,19 +251,20 @@ def generate(
         pre_inputs = tuple(put(a) for a in pre_inputs)
         _PREFILL_ROWS["calls"] += 1
         _PREFILL_ROWS["rows"] += int(pre_inputs[0].shape[0])
-        logits_bv, cache = _prefill(
+        logits_bv, cache = sampler_loop.prefill(
             graphdef, state, *pre_inputs, cache_len=windows[0][1], num_samples=pre_samples, cache_dtype=dtype
         )
         stop_ids, params, key, pad = put_replicated(
             (jnp.asarray(stop_ids), method.params(), key, jnp.asarray(pad_id, jnp.int32)))
         valid_bl, positions_b = put(rep(valid_pl)), put(rep(lengths_p))
-        s = _start(cache, logits_bv, stop_ids, params, key, pad, mode=mode, max_new_tokens=max_new_tokens)
-        layer_params = _split_layers(graphdef, state)
+        s = sampler_loop.start(cache, logits_bv, stop_ids, params, key, pad, mode=mode,
+                               max_new_tokens=max_new_tokens)
+        layer_params = sampler_loop.split_layers(graphdef, state)
         for end_step, window in windows:  # dispatched back to back: no host sync between phases
             if window > s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]]:
-                s = _grow(s, window=window)
-            s = _decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
-                        mode=mode, end_step=end_step, window=window)
+                s = sampler_loop.grow(s, window=window)
+            s = sampler_loop.decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
+                                    mode=mode, end_step=end_step, window=window)
         tokens_bt, logprobs_bt, lengths_b, stopped_b = s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b
         if multi:  # back to this process's rows, the same rows it passed in
             tokens_bt, logprobs_bt, lengths_b, stopped_b = (

@@ -2,9 +2,9 @@
 
 Layer weights are stacked on a leading `layers` axis and the forward runs `lax.scan` over them, so compile time
 does not grow with depth and the stacked KV cache `[l, b, s, k, x]` is updated in place. The sampler's decode loop
-instead uses `hidden_unrolled`: the same `decoder_layer` unrolled over per-layer weights sliced once per generate call
-and a per-layer cache (`LAYER_CACHE_LAYOUT`), because scanning stacked arrays copies every layer's weights and cache slice
-(and transposes the cache for attention) on every step.
+instead uses `hidden_unrolled`: the same `decoder_layer` unrolled over per-layer weights sliced once per generate
+call and a per-layer cache (`LAYER_CACHE_LAYOUT`), because scanning stacked arrays copies every layer's weights and
+cache slice (and transposes the cache for attention) on every step.
 """
 from __future__ import annotations
 
