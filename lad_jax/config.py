@@ -45,9 +45,14 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    # auto: jax.distributed.initialize() when the environment names a multi-process job. YAML reads a bare on/off
-    # as true/false, so booleans are accepted too (true -> "on", false -> "off").
+    # auto: jax.distributed.initialize() when the environment names a multi-process job or coordinator_address is
+    # set. YAML reads a bare on/off as true/false, so booleans are accepted too (true -> "on", false -> "off").
     distributed: str = dataclasses.field(default="auto", metadata={"from_bool": ("off", "on")})
+    # Launches without a cluster manager (localhost rehearsal, bare VMs): process 0's HOST:PORT, the process count
+    # and this process's id. null = detected by jax.distributed (TPU pods, SLURM, MPI) or JAX_COORDINATOR_ADDRESS.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,6 +68,7 @@ def validate(c) -> None:
     if [c.mesh.data, c.mesh.fsdp, c.mesh.tensor].count(-1) > 1:
         raise ConfigError("mesh: at most one of mesh.data / mesh.fsdp / mesh.tensor may be -1 (fill)")
     _choice(c.mesh.distributed, DISTRIBUTED, "mesh.distributed")
+    _check_processes(c.mesh)
     _positive(r.prompts_per_step, "rollout.prompts_per_step")
     _positive(r.num_samples, "rollout.num_samples")
     _positive(r.max_new_tokens, "rollout.max_new_tokens")
@@ -135,6 +136,33 @@ def validate(c) -> None:
     _choice(c.task.name, TASKS, "task.name")
     if not 0 <= c.task.sft_correct_fraction <= 1:
         raise ConfigError(f"task.sft_correct_fraction={c.task.sft_correct_fraction} must be in [0, 1]")
+
+
+def _check_processes(mesh) -> None:
+    explicit = {k: getattr(mesh, k) for k in ("coordinator_address", "num_processes", "process_id")
+                if getattr(mesh, k) is not None}
+    if explicit and mesh.distributed == "off":
+        raise ConfigError(f"mesh.{next(iter(explicit))} is set but mesh.distributed=off; remove it or set "
+                          "mesh.distributed=auto")
+    if (mesh.num_processes is None) != (mesh.process_id is None):
+        given, missing = (("num_processes", "process_id") if mesh.process_id is None
+                          else ("process_id", "num_processes"))
+        raise ConfigError(f"mesh.{given} is set but mesh.{missing} is not; give both (every process the same "
+                          "mesh.num_processes, each its own mesh.process_id from 0)")
+    if mesh.coordinator_address is not None:
+        host, _, port = mesh.coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"mesh.coordinator_address={mesh.coordinator_address!r} must be HOST:PORT, e.g. "
+                              "127.0.0.1:12345 (process 0's address)")
+        if mesh.num_processes is None:
+            raise ConfigError("mesh.coordinator_address is set but mesh.num_processes / mesh.process_id are not; "
+                              "JAX reads only the address from it, so give the count and this process's id too")
+    if mesh.num_processes is not None:
+        if mesh.num_processes < 1:
+            raise ConfigError(f"mesh.num_processes={mesh.num_processes} must be >= 1")
+        if not 0 <= mesh.process_id < mesh.num_processes:
+            raise ConfigError(f"mesh.process_id={mesh.process_id} must be in [0, mesh.num_processes="
+                              f"{mesh.num_processes})")
 
 
 def mesh_shape(c, num_devices: int) -> tuple[int, int, int]:

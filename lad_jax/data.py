@@ -8,7 +8,7 @@ Two steps:
   records (``reward_model.ground_truth``). A row missing a required field raises `DataError` naming the file and
   line (JSONL) or row (Parquet), unless ``on_bad_row="skip"``, which skips and counts it.
 * `PromptLoader(rows, tokenizer=..., batch_size=..., seed=...)` renders the optional chat template, tokenizes,
-  drops (and counts) prompts longer than ``max_prompt_tokens``, shards the kept rows by process, and iterates
+  drops (and counts) prompts longer than ``max_prompt_tokens``, optionally shards the kept rows, and iterates
   batches (lists of row dicts) of a grain ``MapDataset`` pipeline ``source -> shuffle(seed) -> repeat -> batch``.
   Each epoch is reshuffled; ``num_epochs=None`` repeats forever. `get_state()` returns a JSON-serialisable dict
   and `set_state()` restores the exact position, so the data iterator can live in a checkpoint.
@@ -210,8 +210,9 @@ class PromptLoader:
     """Iterator over batches of prompt rows; each batch is a list of `batch_size` dicts.
 
     Each row dict holds "prompt" (as read), "prompt_text" (what was tokenized), "prompt_ids" (list[int]),
-    "answer" and the extra fields. The kept rows (after the length filter) are sharded round-robin and truncated
-    to equal shard sizes, so every process sees the same number of batches per epoch. Batches may span an epoch
+    "answer" and the extra fields. By default (`shard_count=1`) every process iterates the same global batches (what
+    the trainer does: hosts hold the whole batch). With `shard_count > 1` the kept rows (after the length filter)
+    are sharded round-robin and truncated to equal shard sizes, so every shard has the same number of batches. Batches may span an epoch
     boundary; with a finite `num_epochs` the trailing partial batch is dropped and iteration then stops.
     """
 
@@ -224,17 +225,12 @@ class PromptLoader:
         seed: int,
         max_prompt_tokens: int | None,
         use_chat_template: bool,
-        shard_index: int | None = None,
-        shard_count: int | None = None,
+        shard_index: int = 0,
+        shard_count: int = 1,
         num_epochs: int | None = None,
         system_prompt: str | None = None,
         load_stats: dict[str, int] | None = None,
     ):
-        if shard_index is None or shard_count is None:
-            import jax
-
-            shard_index = jax.process_index() if shard_index is None else shard_index
-            shard_count = jax.process_count() if shard_count is None else shard_count
         if batch_size <= 0:
             raise DataError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= shard_index < shard_count:

@@ -128,15 +128,6 @@ def summarize(
     return out
 
 
-def _rewards_from(result: Any, expected: int) -> np.ndarray:
-    """Accepts a reward function's `rewards` or `(rewards, metrics)` return value."""
-    rewards = result[0] if isinstance(result, tuple) else result
-    rewards = np.asarray(rewards, dtype=np.float64).reshape(-1)
-    if rewards.shape[0] != expected:
-        raise ValueError(f"reward function returned {rewards.shape[0]} rewards for {expected} completions")
-    return rewards
-
-
 def evaluate_policy(
     model: Any,
     tokenizer: Any,
@@ -166,9 +157,12 @@ def evaluate_policy(
     `prompts_per_batch` (the last chunk is padded with repeats so every chunk has one compiled shape). Stop tokens
     default to the tokenizer's EOS. Diversity is computed on the decoded texts (whitespace words).
     Returns (summary from `summarize` plus response length stats, per-prompt samples for inspection).
+    Several processes: every process passes the same rows and the global `mesh`; each prompt is sampled once over the
+    whole mesh and each completion scored once (`lad_jax.distributed.score_rows`); every process gets the summary.
     """
     import jax
 
+    from lad_jax import distributed
     from lad_jax.data import tokenize_prompts
     from lad_jax.sampler import generate
 
@@ -197,7 +191,7 @@ def evaluate_policy(
         tokens = out.responses()[: real * num_samples]
         completions = tokenizer.batch_decode(tokens, skip_special_tokens=True)
         row_per_completion = [r for r in chunk_rows for _ in range(num_samples)]
-        rewards = _rewards_from(reward_fn(completions, row_per_completion), len(completions))
+        rewards = distributed.score_rows(reward_fn, completions, row_per_completion)[0].astype(np.float64)
         lengths.extend(len(t) for t in tokens)
         clipped.extend(~np.asarray(out.stopped_b)[: real * num_samples])
         for p, row in enumerate(chunk_rows):
@@ -339,12 +333,13 @@ def main(argv=None) -> dict[str, Any]:
     from lad_jax.data import load_rows, tokenize_prompts
     from lad_jax.rewards import build_reward_fn
     from lad_jax.sharding import make_mesh
-    from lad_jax.train_setup import maybe_initialize_distributed, reward_specs
+    from lad_jax import distributed
+    from lad_jax.train_setup import reward_specs
 
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         c = _load_config(args)
-        maybe_initialize_distributed(c.mesh.distributed)
+        distributed.initialize(c.mesh)
         mesh = make_mesh(*mesh_shape(c, jax.device_count()))
         reward_fn = build_reward_fn(reward_specs(c))
     except ConfigError as e:

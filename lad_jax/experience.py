@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from lad_jax import advantages as adv_lib
-from lad_jax import sampler
+from lad_jax import distributed, sampler
 from lad_jax.config import Config
 
 MINIBATCH_FIELDS = ("tokens_bt", "positions_bt", "valid_bt", "response_bt", "old_logp_bt", "advantages_b")
@@ -58,7 +58,11 @@ def decode(tokenizer, responses: Sequence[Sequence[int]]) -> list[str]:
 
 def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: Callable, *, key, mesh,
             stop_ids: Sequence[int], recompute: Callable | None = None) -> Experience:
-    """Samples G responses per prompt row, scores them and computes group advantages (all on this host)."""
+    """Samples G responses per prompt row, scores them and computes group advantages.
+
+    Several processes: every process passes the same global `rows` and gets the same global `Experience` (the
+    sampler gathers its output to every host; each host scores a share of the rows, see `distributed.score_rows`).
+    """
     r, g = c.rollout, c.rollout.num_samples
     t0 = time.perf_counter()
     out = sampler.generate(model, [row["prompt_ids"] for row in rows], max_new_tokens=r.max_new_tokens,
@@ -70,8 +74,7 @@ def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: 
     t1 = time.perf_counter()
     completions = decode(tokenizer, [host["t"][i, :host["n"][i]] for i in range(len(host["n"]))])
     rows_b = [rows[i // g] for i in range(len(completions))]
-    rewards, reward_metrics = reward_fn(completions, rows_b, num_tokens=np.asarray(host["n"]))
-    rewards = np.asarray(rewards, np.float32)
+    rewards, reward_metrics = distributed.score_rows(reward_fn, completions, rows_b, num_tokens=np.asarray(host["n"]))
     rewards_pg = rewards.reshape(len(rows), g)
     adv_pg = np.asarray(adv_lib.group_advantages(rewards_pg, method=c.algorithm.advantage,
                                                  eps=c.algorithm.advantage_eps))

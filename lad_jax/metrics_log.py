@@ -30,6 +30,14 @@ def to_float(value: Any) -> float:
     return float(array.reshape(()))
 
 
+def _line_step(line: str) -> float:
+    """The step of a metrics.jsonl line; a torn or unreadable line counts as after every step (it is dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _json_number(value: float) -> float | str:
     # Strict JSON has no NaN/Infinity literals; keep them visible as strings.
     return value if math.isfinite(value) else str(value)
@@ -39,14 +47,17 @@ class MetricsWriter:
     """Appends `{"step": step, **metrics}` lines to `run_dir/metrics.jsonl` and (optionally) TensorBoard events.
 
     `run_dir` may be local or a URL (gs://..., any fsspec protocol); TensorBoard event files go to `run_dir` itself.
-    A resumed run continues the same file (steps after the resume point are written again).
+    `resume_step`: the step the run (re)starts from; lines of later steps, written by an earlier attempt that died
+    before its next checkpoint, are dropped (and TensorBoard purges their events), so a resumed run's files hold each
+    step once, as an uninterrupted run's do. None keeps the file as it is.
 
     Object stores have no append (gcsfs silently turns append mode into overwrite), so for a URL the writer reads
     the existing object once, keeps all lines in memory and rewrites the whole object: at most every
     `remote_upload_s` seconds from `write`, and always on `flush` / `close`.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, remote_upload_s: float = 30.0):
+    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, remote_upload_s: float = 30.0,
+                 resume_step: int | None = None):
         self.run_dir = os.fspath(run_dir)
         self.remote = run_files.is_remote(self.run_dir)
         run_files.makedirs(self.run_dir)
@@ -56,11 +67,17 @@ class MetricsWriter:
         self._lines: list[str] = []
         self._dirty = False
         self._uploaded_at = time.monotonic()
+        existing = run_files.read_text(self.path) or ""
+        if existing and not existing.endswith("\n"):
+            existing += "\n"  # a torn last line stays on its own line
+        lines = existing.splitlines(keepends=True)
+        if resume_step is not None:
+            kept = [line for line in lines if _line_step(line) <= resume_step]
+            if len(kept) != len(lines):
+                lines = kept
+                run_files.write_text(self.path, "".join(lines))
         if self.remote:
-            existing = run_files.read_text(self.path) or ""
-            if existing and not existing.endswith("\n"):
-                existing += "\n"  # a torn last line stays on its own line
-            self._lines = existing.splitlines(keepends=True)
+            self._lines = lines
         else:
             self._file = open(self.path, "a")
         self._tb = None
@@ -69,7 +86,8 @@ class MetricsWriter:
 
             if self.remote:
                 _ensure_tensorboard_backend(self.run_dir)
-            self._tb = SummaryWriter(logdir=self.run_dir)
+            purge = None if resume_step is None else int(resume_step) + 1
+            self._tb = SummaryWriter(logdir=self.run_dir, purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Writes one step's scalars; returns them as floats."""

@@ -51,16 +51,25 @@ def exists(path: str | os.PathLike) -> bool:
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes (replaces) the whole file or object; a local parent directory is created."""
+    """Writes (replaces) the whole file or object; a local parent directory is created. Local files are replaced
+    atomically (a temporary file renamed over the old one), so a crash never leaves a half-written file."""
     path = os.fspath(path)
     if is_remote(path):
         fs, p = _fs(path)
         with fs.open(p, "wb") as fh:
             fh.write(data)
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "wb") as fh:
-        fh.write(data)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; keep the permissions a plain open() would give
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import NamedSharding
 
-from lad_jax import sampler_loop
+from lad_jax import distributed, sampler_loop
 from lad_jax.models.cache import LAYER_CACHE_SEQUENCE_AXIS
 from lad_jax.sampler_loop import decode_windows  # noqa: F401  (public: the decode's phase schedule)
 from lad_jax.sampling import Sampling
@@ -160,9 +160,9 @@ def generate(
     `decode_phases`: how many growing attention windows the decode runs in (`decode_windows`; 1 = attend over the
     whole cache every step); each window is one more compiled decode.
 
-    Several processes (jax.distributed): every process calls `generate` with its own, equally many prompts and the
-    global `mesh` (each host's devices a contiguous block of it); the rows of all hosts form one global batch and
-    each process gets back only its own rows, in its own order (prompt_index_b indexes its own `prompts`).
+    Several processes (jax.distributed): every process calls `generate` with the same global prompts and settings
+    (checked) and the global `mesh`; each device samples only its own rows of the global batch (any mesh layout,
+    e.g. a tensor axis spanning hosts), and every process gets back the whole output, the same as one process would.
     """
     method = _resolve_sampling(sampling, temperature, top_k, top_p)
     if isinstance(prompts, (str, bytes)) or not len(prompts):
@@ -190,12 +190,10 @@ def generate(
     multi = jax.process_count() > 1
     if multi:
         if mesh is None:
-            raise ValueError("generate: with several processes pass the global mesh= (each process gives its own "
-                             "prompts; rows are split over the processes)")
-        from jax.experimental import multihost_utils
-
-        # every process must compile the same shapes: the longest prompt on any host sets the bucket
-        lp = int(np.max(multihost_utils.process_allgather(np.asarray([lp], np.int32))))
+            raise ValueError("generate: with several processes pass the global mesh= (every process passes the same "
+                             "global prompts)")
+        if seed is None:
+            raise ValueError("generate: with several processes pass seed= (the same on every process)")
     cache_len = lp + max_new_tokens
     if cache_len > config.max_position_embeddings:
         raise ValueError(
@@ -219,35 +217,30 @@ def generate(
     stop_ids = np.asarray(list(stop_token_ids) or [-1], np.int32)
 
     key = _call_key(seed)
+    if multi:
+        distributed.check_same("generate: the prompts, sampling settings or seeds", prompts, max_new_tokens,
+                               num_samples, method, list(stop_token_ids), pad_id,
+                               np.asarray(jax.random.key_data(key)).tolist())
     graphdef, state = nnx.split(model)
     mode = method.mode
     dtype = config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
 
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
-        if multi:
-            # Host-local rows -> one global array (process i's rows are block i); scalars replicated.
-            def row_spec(global_rows, ndim):
-                spec = spec_for_shape(("batch",) + (None,) * (ndim - 1), (global_rows,) + (1,) * (ndim - 1), mesh)
-                if not spec or spec[0] is None:
-                    raise ValueError(f"generate: {global_rows} rows cannot be split over the mesh's batch axes "
-                                     "(data, fsdp); give every process a multiple of their size / processes")
-                return spec
-
+        if mesh is not None:
+            # Global host arrays -> global device arrays: each device takes its own rows, whatever the mesh layout.
             def put(a):
-                return multihost_utils.host_local_array_to_global_array(
-                    a, mesh, row_spec(a.shape[0] * jax.process_count(), a.ndim))
+                names = ("batch",) + (None,) * (a.ndim - 1)
+                return distributed.global_array(a, NamedSharding(mesh, spec_for_shape(names, a.shape, mesh)))
+        else:
+            put = jnp.asarray
+        if multi:
+            from jax.experimental import multihost_utils
 
             def put_replicated(tree):
                 return multihost_utils.host_local_array_to_global_array(tree, mesh, jax.sharding.PartitionSpec())
-        elif mesh is not None:
-            def put(a):
-                names = ("batch",) + (None,) * (a.ndim - 1)
-                return jax.device_put(a, NamedSharding(mesh, spec_for_shape(names, a.shape, mesh)))
-
-            put_replicated = _unchanged
         else:
-            put, put_replicated = jnp.asarray, _unchanged
+            put_replicated = _unchanged
         pre_inputs = tuple(put(a) for a in pre_inputs)
         _PREFILL_ROWS["calls"] += 1
         _PREFILL_ROWS["rows"] += int(pre_inputs[0].shape[0])
@@ -266,10 +259,9 @@ def generate(
             s = sampler_loop.decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
                                     mode=mode, end_step=end_step, window=window)
         tokens_bt, logprobs_bt, lengths_b, stopped_b = s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b
-        if multi:  # back to this process's rows, the same rows it passed in
+        if multi:  # every process gets the whole result
             tokens_bt, logprobs_bt, lengths_b, stopped_b = (
-                multihost_utils.global_array_to_host_local_array(x, mesh, row_spec(x.shape[0], x.ndim))
-                for x in (tokens_bt, logprobs_bt, lengths_b, stopped_b))
+                jnp.asarray(distributed.to_host(x)) for x in (tokens_bt, logprobs_bt, lengths_b, stopped_b))
     return SampleOutput(
         tokens_bt=tokens_bt,
         logprobs_bt=logprobs_bt,

@@ -12,35 +12,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lad_jax import run_files
+from lad_jax import distributed, run_files
 from lad_jax import train_step as ts
 from lad_jax.config import Config, ConfigError, check_devices, save_config
 from lad_jax.sharding import make_mesh
-
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
-                     "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
-
-
-def wants_distributed(mode: str, env=os.environ) -> bool:
-    """mesh.distributed: on / off, or auto = the environment names a multi-process job."""
-    if mode == "on":
-        return True
-    if mode == "off":
-        return False
-    if env.get("SLURM_NTASKS") and int(env["SLURM_NTASKS"]) <= 1:
-        return False
-    if env.get("OMPI_COMM_WORLD_SIZE") and int(env["OMPI_COMM_WORLD_SIZE"]) <= 1:
-        return False
-    hosts = env.get("TPU_WORKER_HOSTNAMES")
-    if hosts is not None and len(hosts.split(",")) <= 1:
-        return False
-    return any(env.get(k) for k in _MULTIPROCESS_ENV)
-
-
-def maybe_initialize_distributed(mode: str) -> None:
-    if wants_distributed(mode) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-
 
 @dataclasses.dataclass
 class Setup:
@@ -62,14 +37,16 @@ class Setup:
 def task_files(c: Config) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
     """(train files, eval files, tokenizer dir) — generated into the run dir for the built-in task.
 
-    With a remote run dir (gs://...) the task writes into a local temporary directory (its files are a pure
-    function of the config, so every host and every restart makes the same ones); process 0 copies them up.
+    The task's files are a pure function of the config, so every host and every restart makes the same ones.
+    Process 0 writes them into a local run dir; the other processes (which may share that directory, as in a
+    localhost rehearsal) and every process of a remote run dir (gs://...) write into a local temporary directory,
+    from which process 0 copies them up.
     """
     if c.task.name == "numbers":
         from lad_jax.tasks import numbers
 
         base = c.run_dir
-        if run_files.is_remote(base):
+        if run_files.is_remote(base) or jax.process_index() != 0:
             import tempfile
 
             base = tempfile.mkdtemp(prefix="lad_jax_task_")
@@ -78,7 +55,7 @@ def task_files(c: Config) -> tuple[tuple[str, ...], tuple[str, ...], str | None]
                                           num_eval=c.task.num_eval_prompts, seed=c.seed)
         tok_dir = os.path.join(base, "tokenizer")
         numbers.build_tokenizer(tok_dir)
-        if base != c.run_dir and jax.process_index() == 0:
+        if run_files.is_remote(c.run_dir) and jax.process_index() == 0:
             for name in ("data", "tokenizer"):
                 run_files.upload_dir(os.path.join(base, name), run_files.join(c.run_dir, name))
         return (c.data.train_files or (train,)), (c.data.eval_files or (evalf,)), c.model.tokenizer or tok_dir
@@ -129,11 +106,8 @@ def train_objects(c: Config, model, mesh):
 
 
 def build(c: Config) -> Setup:
-    maybe_initialize_distributed(c.mesh.distributed)
+    distributed.initialize(c.mesh)
     shape = check_devices(c, jax.device_count())
-    if c.rollout.prompts_per_step % jax.process_count():
-        raise ConfigError(f"rollout.prompts_per_step={c.rollout.prompts_per_step} must be divisible by the "
-                          f"{jax.process_count()} processes (each host loads its own prompts)")
     mesh = make_mesh(*shape)
     run_files.makedirs(c.run_dir)
     if jax.process_index() == 0:
@@ -168,7 +142,9 @@ def make_loader(s: Setup):
     c = s.config
     rows, stats = load_rows(list(s.train_files), prompt_field=c.data.prompt_field, answer_field=c.data.answer_field,
                             extra_fields=c.data.extra_fields, on_bad_row=c.data.on_bad_row)
-    return PromptLoader(rows, tokenizer=s.tokenizer, batch_size=c.rollout.prompts_per_step // jax.process_count(),
+    # One global iterator, the same on every host (each host holds the whole prompt batch; see trainer.py), so
+    # every host's checkpointed iterator state is the same and all hosts resume at the same place.
+    return PromptLoader(rows, tokenizer=s.tokenizer, batch_size=c.rollout.prompts_per_step,
                         seed=c.seed, max_prompt_tokens=c.data.max_prompt_tokens,
                         use_chat_template=c.data.use_chat_template, num_epochs=c.data.num_epochs,
                         system_prompt=c.data.system_prompt, load_stats=stats)

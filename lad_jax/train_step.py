@@ -163,14 +163,18 @@ class TrainStep:
         bsh = {k: batch_sharding(mesh, 2 if k == "advantages_b" else 3) for k in BATCH_KEYS}
         replicated = NamedSharding(mesh, P())
         self.batch_shardings = bsh
+        self.mesh = mesh
         self._fn = jax.jit(step_fn, in_shardings=(shardings, bsh), out_shardings=(shardings, replicated),
                            donate_argnums=(0,))
 
+    # Traced under the mesh so the model's logical-axis constraints (`sharding.constrain`) take effect.
     def __call__(self, state, batch: dict[str, Any]):
-        return self._fn(state, batch)
+        with jax.set_mesh(self.mesh):
+            return self._fn(state, batch)
 
     def lower(self, state, batch):
-        return self._fn.lower(state, batch)
+        with jax.set_mesh(self.mesh):
+            return self._fn.lower(state, batch)
 
 
 def make_logprob_fn(graphdef, mesh: Mesh, params_sh, temperature: float, chunk_size: int = 256):

@@ -17,9 +17,13 @@ rl_seconds, on a loaded and noisy machine: larger size 24.4 / 28.7 s single-thre
 multi-threaded; tiny size 21.3 / 26.4 s vs 16.4 / 25.4 / 13.9 s). On many-core hosts single-threaded Eigen would
 leave cores idle, which is why it is not the default.
 
-Several processes: each host samples its own prompts, but the rows of all hosts form one global batch (sampler,
-recomputed log-probs, train step), and the SIGTERM stop decision is all-gathered (`agreed_stop`) so that every host
-takes part in the same final, collective checkpoint save.
+Several processes (`lad_jax/distributed.py`): the number of hosts is invisible to the math. Every host runs the same
+global data iterator and so holds the same prompt batch; the sampler, the recompute and the train step each run once
+over the global mesh on global arrays built from that host data (each device takes its own rows), and their results
+come back whole to every host, so minibatches, advantages and metrics are global and identical everywhere. Each host
+scores a share of the rows. The checkpoint's data-iterator state is therefore every host's; evaluation samples each
+prompt once over the whole mesh; the HF export gathers on all hosts and process 0 writes; the SIGTERM stop decision
+is all-gathered (`agreed_stop`) so that every host takes part in the same final, collective checkpoint save.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lad_jax import experience, run_files, sampler
+from lad_jax import distributed, experience, run_files, sampler
 from lad_jax import train_setup as setup_lib
 from lad_jax.checkpoint import CheckpointManager, install_preemption_handler
 from lad_jax.config import Config
@@ -63,6 +67,7 @@ def agreed_stop(local_flag: bool, *, process_count: int | None = None, allgather
 class Trainer:
     def __init__(self, config: Config, *, log=functools.partial(print, flush=True)):
         self.c = config
+        distributed.initialize(config.mesh)  # before any other JAX call
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
         self.s = setup_lib.build(config)
         s = self.s
@@ -80,15 +85,12 @@ class Trainer:
         self.eval_before: dict[str, float] | None = None
 
     def _recompute(self, fn, tokens_bt, positions_bt, valid_bt):
-        """pi_old log-probs of this host's rows; with several processes the rows of all hosts form one batch."""
-        if jax.process_count() == 1:
-            return fn(self.state["params"], tokens_bt, positions_bt, valid_bt)
-        from jax.experimental import multihost_utils
-
+        """pi_old log-probs of the global rollout (host arrays in, the whole host array out on every process)."""
         rows = batch_sharding(self.s.mesh, 2, lead=0)
-        arrays = [jax.make_array_from_process_local_data(rows, a) for a in (tokens_bt, positions_bt, valid_bt)]
-        out = fn(self.state["params"], *arrays)
-        return multihost_utils.global_array_to_host_local_array(out, self.s.mesh, rows.spec)
+        arrays = [distributed.global_array(a, rows) for a in (tokens_bt, positions_bt, valid_bt)]
+        with jax.set_mesh(self.s.mesh):
+            out = fn(self.state["params"], *arrays)
+        return distributed.to_host(out)
 
     # ---- state -----------------------------------------------------------------------------------------
     def policy(self):
@@ -119,7 +121,8 @@ class Trainer:
                                           batch_size=c.task.sft_batch_size, lr=c.task.sft_lr,
                                           correct_fraction=c.task.sft_correct_fraction, seed=c.seed, log=self.log)
             self.log(f"warm-start done in {time.perf_counter() - t0:.1f}s (loss {loss:.3f})")
-        params = jax.device_put(params, self.s.shardings["params"])
+        params = jax.tree.map(lambda p, sh: p if isinstance(p, jax.Array) else distributed.global_array(p, sh),
+                              params, self.s.shardings["params"])
         self.state = init_train_state(self.s.tx, params, self.s.shardings)
         return 0
 
@@ -159,8 +162,7 @@ class Trainer:
         updates = 0
         train_metrics = []
         for mb in experience.minibatches(c, exp, setup_lib.shuffle_rng(c.seed, step)):
-            batch = {k: jax.make_array_from_process_local_data(self.step_fn.batch_shardings[k], v)
-                     for k, v in mb.items()}
+            batch = {k: distributed.global_array(v, self.step_fn.batch_shardings[k]) for k, v in mb.items()}
             self.state, m = self.step_fn(self.state, batch)
             train_metrics.append(m)
             updates += 1
@@ -186,7 +188,8 @@ class Trainer:
         c = self.c
         start = self._restore_or_init()
         preempt = install_preemption_handler()
-        writer = MetricsWriter(c.run_dir, tensorboard=c.logging.tensorboard) if jax.process_index() == 0 else None
+        writer = (MetricsWriter(c.run_dir, tensorboard=c.logging.tensorboard, resume_step=start)
+                  if jax.process_index() == 0 else None)
         if self.eval_before is None and c.eval.at_start and self.eval_rows:
             self.eval_before = self.evaluate(start)
             self._log_eval("before RL", self.eval_before)
@@ -239,12 +242,15 @@ class Trainer:
             if after:
                 writer.write(step, {f"eval/{k}": v for k, v in after.items()})
             writer.close()
-        if c.checkpoint.export_hf and jax.process_index() == 0:
+        if c.checkpoint.export_hf:
             from lad_jax.models import save_pretrained
 
-            with run_files.local_dir(run_files.join(c.run_dir, "hf_export")) as export:
-                save_pretrained(self.policy(), export)
-                self.s.tokenizer.save_pretrained(export)
+            if jax.process_index() == 0:
+                with run_files.local_dir(run_files.join(c.run_dir, "hf_export")) as export:
+                    save_pretrained(self.policy(), export)
+                    self.s.tokenizer.save_pretrained(export)
+            else:
+                save_pretrained(self.policy(), None)  # the gathers are collective; process 0 writes
         summary = {"steps": step, "rl_seconds": seconds, "eval_before": self.eval_before, "eval_after": after,
                    "compiles_train_step": self.step_fn.compiles}
         if jax.process_index() == 0:

@@ -80,7 +80,7 @@ def test_resolved_config_roundtrip(tmp_path):
 
 
 def test_distributed_switch():
-    from lad_jax.train_setup import wants_distributed
+    from lad_jax.distributed import wants_distributed
 
     assert not wants_distributed("auto", {})
     assert wants_distributed("auto", {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
@@ -88,6 +88,29 @@ def test_distributed_switch():
     assert not wants_distributed("auto", {"TPU_WORKER_HOSTNAMES": "host0"})
     assert wants_distributed("on", {}) and not wants_distributed("off", {"JAX_COORDINATOR_ADDRESS": "x:1"})
     assert "mesh.distributed" in _err(["mesh.distributed=maybe"])
+
+
+def test_explicit_coordinator_keys():
+    """Launches without a cluster manager: address, count and id; inconsistent combinations fail naming the key."""
+    from lad_jax.distributed import initialize_kwargs, wants_distributed
+
+    ok = ["mesh.coordinator_address=127.0.0.1:12355", "mesh.num_processes=2", "mesh.process_id=1"]
+    m = load_config("configs/tiny_test.yaml", ok).mesh
+    assert (m.coordinator_address, m.num_processes, m.process_id) == ("127.0.0.1:12355", 2, 1)
+    assert wants_distributed(m.distributed, {}, m.coordinator_address)
+    assert initialize_kwargs(m, {}) == {"coordinator_address": "127.0.0.1:12355", "num_processes": 2, "process_id": 1}
+    assert "mesh.process_id" in _err(ok[:2])
+    assert "mesh.num_processes" in _err(ok[2:])
+    assert "mesh.num_processes" in _err(ok[:1])
+    assert "[0, mesh.num_processes=2)" in _err(ok[:2] + ["mesh.process_id=2"])
+    assert "HOST:PORT" in _err(["mesh.coordinator_address=localhost"] + ok[1:])
+    assert "mesh.distributed=off" in _err(ok + ["mesh.distributed=off"])
+    # count and id with the address from the environment (JAX reads only the address from it)
+    env_only = load_config("configs/tiny_test.yaml", ok[1:]).mesh
+    assert initialize_kwargs(env_only, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1"}) == {"num_processes": 2,
+                                                                                      "process_id": 1}
+    with pytest.raises(ConfigError, match="mesh.coordinator_address"):
+        initialize_kwargs(env_only, {})
 
 
 def test_distributed_accepts_yaml_booleans(tmp_path):

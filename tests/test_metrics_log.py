@@ -42,6 +42,24 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
         to_float(jnp.zeros(3))
 
 
+def test_writer_resume_drops_steps_after_the_checkpoint(tmp_path):
+    """A run killed after logging steps past its last checkpoint rewrites them once on resume, not twice."""
+    run = tmp_path / "run"
+    with MetricsWriter(run, tensorboard=False) as writer:
+        for step in range(1, 7):
+            writer.write(step, {"loss": float(step)})
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "lo')  # torn by the kill
+    with MetricsWriter(run, tensorboard=False, resume_step=4) as writer:
+        for step in range(5, 9):
+            writer.write(step, {"loss": float(step)})
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    with MetricsWriter(run, tensorboard=False, resume_step=0) as writer:  # no checkpoint: a fresh start
+        writer.write(1, {"loss": 9.0})
+    assert (run / "metrics.jsonl").read_text().splitlines() == ['{"step": 1, "loss": 9.0}']
+
+
 def test_deferred_metrics_returns_previous_step():
     deferred = DeferredMetrics()
     assert deferred.push(1, {"loss": jnp.float32(1.0)}) is None

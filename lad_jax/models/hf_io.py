@@ -205,10 +205,15 @@ def save_pretrained(model: Transformer, path: str, *, max_shard_size="5GB", dtyp
     """Write HF `config.json` + safetensors (sharded with `model.safetensors.index.json` over max_shard_size).
 
     `dtype` (e.g. "bfloat16") converts on export; default keeps the parameter dtype. Parameters are gathered to
-    this host one at a time.
+    this host one at a time. Several processes: the gathers are collective, so every process must call this; only
+    process 0 writes (`path` is ignored on the others).
     """
     limit = _parse_size(max_shard_size)
     np_dtype = None if dtype is None else np.dtype(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    if jax.process_index() != 0:
+        for _ in hf_tensors(model, np_dtype):  # take part in every gather
+            pass
+        return
     os.makedirs(path, exist_ok=True)
     for old in os.listdir(path):
         if old.endswith(".safetensors") or old == "model.safetensors.index.json":

@@ -43,7 +43,16 @@ def encode_pairs(tokenizer, pairs, length: int):
 
 def warm_start(graphdef, params, tokenizer, *, steps: int, batch_size: int, lr: float, correct_fraction: float,
                seed: int, length: int = 8, log=print):
-    """Returns trained params (same pytree/shardings as `params`) and the final loss."""
+    """Returns trained params (host numpy arrays, same pytree as `params`) and the final loss.
+
+    The warm-start is a small supervised prelude for the built-in task's small models, so it runs on one device,
+    replicated on every host: no cross-device reduction, whose summation order would depend on the device layout,
+    so it gives bit-identical weights on 1 process x 8 devices and 2 processes x 4 (Adam turns last-bit gradient
+    differences into learning-rate-sized steps)."""
+    from lad_jax import distributed
+
+    device = jax.local_devices()[0]
+    params = jax.device_put(jax.tree.map(distributed.to_host, params), device)
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), max(steps, 2), lr * 0.1))
     opt_state = tx.init(params)
 
@@ -61,7 +70,8 @@ def warm_start(graphdef, params, tokenizer, *, steps: int, batch_size: int, lr: 
     loss = float("nan")
     for i in range(steps):
         pairs = numbers.sft_examples(rng, batch_size, correct_fraction)
-        params, opt_state, loss = step(params, opt_state, *encode_pairs(tokenizer, pairs, length))
+        batch = jax.device_put(encode_pairs(tokenizer, pairs, length), device)
+        params, opt_state, loss = step(params, opt_state, *batch)
         if log is not None and (i + 1) % max(steps // 4, 1) == 0:
             log(f"warm-start step {i + 1}/{steps}: loss {float(loss):.3f}")
-    return params, float(loss)
+    return jax.device_get(params), float(loss)
