@@ -69,7 +69,12 @@ def initialize(mesh, env: Mapping[str, str] = os.environ) -> None:
         return
     kwargs = initialize_kwargs(mesh, env)
     if not jax.distributed.is_initialized():
-        jax.distributed.initialize(**kwargs)
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as e:  # e.g. no cluster manager found and no coordinator given
+            raise ConfigError(f"jax.distributed.initialize() failed: {e}. Outside a TPU pod, SLURM or MPI job set "
+                              "mesh.coordinator_address=HOST:PORT (process 0's), mesh.num_processes and "
+                              "mesh.process_id, or mesh.distributed=off for one process") from None
     if mesh.num_processes is not None and jax.process_count() != mesh.num_processes:
         raise ConfigError(f"mesh.num_processes={mesh.num_processes} but jax.distributed reports "
                           f"{jax.process_count()} processes; give every process the same count")

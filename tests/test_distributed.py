@@ -105,3 +105,16 @@ def test_global_arrays_and_scoring_across_two_processes(tmp_path):
         np.testing.assert_array_equal(got["tokens"], np.asarray(ref.tokens_bt))
         np.testing.assert_array_equal(got["lengths"], np.asarray(ref.lengths_b))
         np.testing.assert_allclose(got["logprobs"], np.asarray(ref.logprobs_bt), atol=1e-6)
+
+
+def test_distributed_on_without_a_cluster_names_the_keys(tmp_path):
+    import subprocess
+
+    from multihost import REPO, process_env
+
+    proc = subprocess.run([sys.executable, "-m", "lad_jax.train", "--config", "configs/tiny_test.yaml",
+                           f"output_dir={tmp_path}", "mesh.distributed=on"], cwd=REPO, env=process_env(1),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: jax.distributed.initialize() failed") and "mesh.num_processes" in last

@@ -145,8 +145,9 @@ def test_kill_and_resume_two_processes(runs):
 
 
 def test_tensor_axis_across_processes(runs):
-    """(d): tensor=8 spans both processes (every batch row lives on both hosts) and trains to the same result."""
+    """(d): tensor=8 spans both processes (every batch row lives on both hosts) and trains to the same result, with
+    pi_old recomputed by the policy over the global batch instead of taken from the sampler (equal up to rounding)."""
     out, _ = runs
-    group = _two_processes(out, "tensor", "mesh.fsdp=1", "mesh.tensor=8")
+    group = _two_processes(out, "tensor", "mesh.fsdp=1", "mesh.tensor=8", "rollout.old_logprobs=recompute")
     check_all_ok(group.wait(TIMEOUT))
     _assert_same_training(out / "one", out / "tensor")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lad_jax import distributed
 from lad_jax.models.config import DTYPES, ModelConfig
 from lad_jax.models.safetensors_io import SafetensorsDir, write_file
 from lad_jax.models.transformer import Transformer, block_param_specs, top_param_specs
@@ -184,12 +185,7 @@ def hf_tensors(model: Transformer, dtype=None):
     config = model.config
     stacked_names = set(block_param_specs(config))
     for name, mp in param_mappings(config).items():
-        value = getattr(model.blocks if name in stacked_names else model, name)[...]
-        if isinstance(value, jax.Array) and not value.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            value = multihost_utils.process_allgather(value, tiled=True)
-        value = np.asarray(jax.device_get(value))
+        value = distributed.to_host(getattr(model.blocks if name in stacked_names else model, name)[...])
         if dtype is not None:
             value = value.astype(dtype)
         inv = tuple(np.argsort(mp.perm))
