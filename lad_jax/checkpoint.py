@@ -23,6 +23,7 @@ so it can do a final ``save(step, ..., force=True)``, ``wait()`` and exit cleanl
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from typing import Any, Callable
@@ -31,6 +32,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from lad_jax import distributed
 
 
 class CheckpointError(ValueError):
@@ -87,7 +90,9 @@ class CheckpointManager:
             raise CheckpointError(f"save_every must be a positive number of steps, got {save_every}")
         if keep_last <= 0:
             raise CheckpointError(f"keep_last must be >= 1, got {keep_last}")
-        self.directory = epath.Path(directory)
+        directory = os.fspath(directory)
+        # orbax wants absolute paths; a relative one on any command line means "from here"
+        self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
         self.save_every = save_every
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
@@ -130,14 +135,45 @@ class CheckpointManager:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state: Any, *, partial: bool = False) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the newest finished checkpoint, or None when there is none. See `restore`."""
+    def restore_latest(self, abstract_state: Any, *, partial: bool = False,
+                       log: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]] | None:
+        """(step, state, meta) of the newest finished checkpoint that restores cleanly, or None. See `restore`.
+
+        A damaged step (truncated or missing files) is skipped with one line through `log` naming the step and the
+        error, and moved aside to `<step>.damaged` (never deleted), so the run resumes from the newest good step and
+        later saves can reuse the step number. With several processes the skip is agreed (any process failing).
+        """
         self.wait()
-        step = self.latest_step()
-        if step is None:
-            return None
-        state, meta = self.restore(step, abstract_state, partial=partial)
-        return step, state, meta
+        for step in reversed(self.all_steps()):
+            try:
+                state, meta = self.restore(step, abstract_state, partial=partial)
+                error = None
+            except Exception as e:  # orbax / tensorstore raise many types for damaged files
+                state = meta = None
+                error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            if not distributed.allgather(np.asarray([error is not None], np.int32)).any():
+                return step, state, meta
+            if self.read_only:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored ({error})")
+            aside = self._move_aside(step)
+            log(f"checkpoint step {step} in {self.directory} cannot be restored ({error or 'on another process'}); "
+                f"skipped it, kept as {aside.name}")
+        return None
+
+    def _move_aside(self, step: int) -> epath.Path:
+        aside = self.directory / f"{step}.damaged"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.directory / f"{step}.damaged{n}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"lad_jax checkpoint {step} moved aside")
+        self._manager.reload()
+        return aside
 
     def restore(self, step: int, abstract_state: Any, *, partial: bool = False) -> tuple[Any, dict[str, Any]]:
         """(state, meta) of a finished `step`.

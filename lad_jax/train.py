@@ -1,11 +1,13 @@
 """`python -m lad_jax.train [--config configs/NAME.yaml] [key.sub=value ...]`: the LAD trainer entry point.
 
 With no arguments it runs configs/default.yaml (the built-in "number with property P" experiment). Re-running the
-same command resumes from the run directory's latest checkpoint.
+same command resumes from the run directory's latest checkpoint; re-running a finished run prints its summary and
+changes nothing.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from lad_jax.config import ConfigError, load_config
@@ -26,8 +28,13 @@ def main(argv=None) -> dict:
         config = load_config(args.config, overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
-    from lad_jax.trainer import Trainer
+    from lad_jax.trainer import Trainer, finished_summary
 
+    done = finished_summary(config)
+    if done is not None:
+        print(f"{config.run_dir} already finished {done['steps']} steps; nothing to do (raise steps= to train on, "
+              f"or use another run_name). Its summary:\n{json.dumps(done, indent=1)}", flush=True)
+        return done
     try:
         trainer = Trainer(config)
     except ConfigError as e:

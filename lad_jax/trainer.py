@@ -64,6 +64,18 @@ def agreed_stop(local_flag: bool, *, process_count: int | None = None, allgather
     return bool(flags.any())
 
 
+def finished_summary(c: Config) -> dict[str, Any] | None:
+    """The run's summary.json when it already finished `c.steps` steps (re-running it then changes nothing)."""
+    text = run_files.read_text(run_files.join(c.run_dir, "summary.json"))
+    if text is None:
+        return None
+    try:
+        summary = json.loads(text)
+    except ValueError:
+        return None
+    return summary if summary.get("steps") == c.steps else None
+
+
 class Trainer:
     def __init__(self, config: Config, *, log=functools.partial(print, flush=True)):
         self.c = config
@@ -105,7 +117,7 @@ class Trainer:
 
     def _restore_or_init(self) -> int:
         c = self.c
-        restored = self.ckpt.restore_latest(self._abstract_state()) if c.checkpoint.resume else None
+        restored = self.ckpt.restore_latest(self._abstract_state(), log=self.log) if c.checkpoint.resume else None
         if restored is not None:
             step, self.state, meta = restored
             self.loader.set_state(meta["data"])

@@ -131,3 +131,37 @@ def test_sigterm_sets_preemption_flag():
     finally:
         flag.uninstall()
     assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def _big(scale):  # large enough that its bytes live in a data file, not inline in the OCDBT manifest
+    return {"w": jnp.arange(4096.0).reshape(64, 64) * scale, "step": jnp.asarray(int(scale), jnp.int32)}
+
+
+@pytest.mark.parametrize("damage", ["truncated_array", "deleted_meta", "deleted_manifest"])
+def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, monkeypatch, damage):
+    monkeypatch.chdir(tmp_path)
+    mgr = CheckpointManager("ckpt", save_every=1, keep_last=3)  # relative paths mean "from here"
+    for step in (1, 2, 3):
+        mgr.save(step, _big(step), meta={"step": step})
+    mgr.close()
+    newest = tmp_path / "ckpt" / "3"
+    files = [p for p in newest.rglob("*") if p.is_file()]
+    if damage == "truncated_array":
+        big = max((p for p in files if "/d/" in str(p)), key=lambda p: p.stat().st_size)
+        os.truncate(big, big.stat().st_size // 2)
+    elif damage == "deleted_meta":
+        (newest / "meta" / "metadata").unlink()
+    else:
+        for p in files:
+            if p.name == "manifest.ocdbt":
+                p.unlink()
+    lines = []
+    mgr = CheckpointManager("ckpt", save_every=1, keep_last=3)
+    step, state, meta = mgr.restore_latest(_big(0), log=lines.append)
+    assert step == 2 and meta == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.asarray(_big(2)["w"]))
+    assert len(lines) == 1 and "step 3" in lines[0] and "3.damaged" in lines[0] and "\n" not in lines[0]
+    assert (tmp_path / "ckpt" / "3.damaged").is_dir() and not newest.exists()
+    assert mgr.save(3, _big(3), meta={"step": 3})  # the step number is free again
+    mgr.close()
+    assert CheckpointManager("ckpt", save_every=1, keep_last=3).restore_latest(_big(0))[0] == 3

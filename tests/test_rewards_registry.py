@@ -31,9 +31,20 @@ def test_weighted_combination_and_row_fields():
     lengths = np.array([len(c) for c in completions], np.float32)
     np.testing.assert_allclose(rewards, np.array([1.0, 1.5, 0.0]) + 0.01 * lengths, rtol=1e-6)
     assert rewards.dtype == np.float32
-    assert metrics["reward/math_mean"] == pytest.approx(2 / 3)
-    assert metrics["reward/exact_match_mean"] == pytest.approx(1 / 3)
-    assert "math/accuracy" in metrics and "length/mean" in metrics and "reward/total_mean" in metrics
+    assert metrics["math"] == pytest.approx(2 / 3)
+    assert metrics["exact_match"] == pytest.approx(1 / 3)
+    assert "math/accuracy" in metrics and "length/mean" in metrics and "total" in metrics
+
+
+def test_metric_labels_are_short_and_unique():
+    from lad_jax.rewards.registry import reward_label
+
+    assert reward_label("math") == "math"
+    assert reward_label("lad_jax.tasks.numbers:reward_fn") == "numbers"
+    assert reward_label("my_pkg.rewards:format_bonus") == "format_bonus"
+    fn = build_reward_fn([("math", 1.0, {}), ("math", 0.5, {"answer_key": "other"})])
+    _, metrics = fn(["\\boxed{1}"], [{"answer": "1", "other": "2"}])
+    assert metrics["math"] == 1.0 and metrics["math_1"] == 0.0 and metrics["total"] == 1.0
 
 
 def test_num_tokens_reaches_math_overlong():

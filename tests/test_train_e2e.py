@@ -10,17 +10,40 @@ from lad_jax.config import load_config
 from lad_jax.trainer import Trainer
 
 
+OVERRIDES = ["run_name=e2e", "steps=16", "rollout.prompts_per_step=16", "rollout.num_samples=8",
+             "algorithm.minibatch_size=64", "algorithm.micro_batch_size=32", "model.hidden_size=64",
+             "model.intermediate_size=192", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+             "task.sft_steps=100", "task.sft_lr=3e-3", "task.sft_batch_size=64", "eval.enabled=true",
+             "eval.num_samples=8", "checkpoint.every=8", "eval.every=8", "optimizer.lr=1e-3",
+             "logging.tensorboard=true"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    config = load_config("configs/tiny_test.yaml", [
-        f"output_dir={out}", "run_name=e2e", "steps=16", "rollout.prompts_per_step=16", "rollout.num_samples=8",
-        "algorithm.minibatch_size=64", "algorithm.micro_batch_size=32", "model.hidden_size=64",
-        "model.intermediate_size=192", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-        "task.sft_steps=100", "task.sft_lr=3e-3", "task.sft_batch_size=64", "eval.enabled=true",
-        "eval.num_samples=8", "checkpoint.every=8", "eval.every=8", "optimizer.lr=1e-3", "logging.tensorboard=true"])
+    config = load_config("configs/tiny_test.yaml", [f"output_dir={out}", *OVERRIDES])
     summary = Trainer(config, log=lambda *a, **k: None).run()
     return config, summary
+
+
+def test_rerunning_a_finished_run_changes_nothing(run, capsys):
+    from lad_jax import train
+
+    config, summary = run
+    files = _snapshot(config.run_dir)
+    again = train.main(["--config", "configs/tiny_test.yaml", f"output_dir={config.output_dir}", *OVERRIDES])
+    assert again == json.loads(json.dumps(summary))
+    assert "already finished 16 steps" in capsys.readouterr().out
+    assert _snapshot(config.run_dir) == files
+
+
+def _snapshot(root):
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            out[path] = (os.stat(path).st_mtime_ns, open(path, "rb").read())
+    return out
 
 
 def test_reward_improves(run):

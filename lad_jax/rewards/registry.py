@@ -96,11 +96,28 @@ def resolve_reward(name_or_path: str) -> BatchReward:
     return fn
 
 
+_GENERIC_ATTRS = ("reward", "reward_fn", "rewards", "score", "fn")
+
+
+def reward_label(name_or_path: str) -> str:
+    """The short name a reward's metrics go under: the registered name, else the function's name, or its module's
+    last component when the function has a generic name ("lad_jax.tasks.numbers:reward_fn" -> "numbers")."""
+    if ":" not in name_or_path:
+        return name_or_path
+    module, _, attr = name_or_path.partition(":")
+    return module.rsplit(".", 1)[-1] if attr in _GENERIC_ATTRS else attr
+
+
 def build_reward_fn(specs: Sequence[tuple[str, float, Mapping[str, Any] | None]]):
-    """Weighted sum of rewards. Returns fn(completions, rows, *, num_tokens=None) -> (float32 [N], metrics)."""
+    """Weighted sum of rewards. Returns fn(completions, rows, *, num_tokens=None) -> (float32 [N], metrics).
+
+    Metrics: each reward's mean under its `reward_label` ("math"), the weighted total under "total", plus the
+    rewards' own metrics ("math/accuracy"); the trainer logs them all under "reward/".
+    """
     if not specs:
         raise ValueError("build_reward_fn needs at least one (name, weight, kwargs) spec")
     parts = []
+    labels: list[str] = []
     for spec in specs:
         if len(spec) != 3:
             raise ValueError(f"reward spec {spec!r} must be (name_or_path, weight, kwargs)")
@@ -108,7 +125,10 @@ def build_reward_fn(specs: Sequence[tuple[str, float, Mapping[str, Any] | None]]
         fn = resolve_reward(name)
         takes_tokens = "num_tokens" in inspect.signature(fn).parameters or any(
             p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
-        parts.append((name, float(weight), dict(kwargs or {}), fn, takes_tokens))
+        label = reward_label(name)
+        label = label if label not in labels and label != "total" else f"{label}_{len(labels)}"
+        labels.append(label)
+        parts.append((label, float(weight), dict(kwargs or {}), fn, takes_tokens))
 
     def reward_fn(completions: Sequence[str], rows: Sequence[Mapping[str, Any]], *,
                   num_tokens: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, float]]:
@@ -124,7 +144,7 @@ def build_reward_fn(specs: Sequence[tuple[str, float, Mapping[str, Any] | None]]
                 raise ValueError(f"reward {name!r} returned shape {values.shape}, expected ({len(completions)},)")
             total += weight * values
             metrics.update({k: float(v) for k, v in m.items()})
-            metrics[f"reward/{name}_mean"] = float(values.mean()) if len(values) else 0.0
-        metrics["reward/total_mean"] = float(total.mean()) if len(total) else 0.0
+            metrics[name] = float(values.mean()) if len(values) else 0.0
+        metrics["total"] = float(total.mean()) if len(total) else 0.0
         return total, metrics
     return reward_fn
