@@ -341,7 +341,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
     if use_file:
         p = resolve_config_path(path)
         with open(p) as fh:
-            loaded = yaml.safe_load(fh) or {}
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"{p}:{where}: malformed YAML ({problem}); fix the file") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of config keys")
         _check_keys(raw, loaded, "")

@@ -147,7 +147,8 @@ def load_rows(
                         have = sorted(record)
                         problem = (
                             f"{where}: row is missing required field {field!r} (fields present: {have}); "
-                            f"fix the data, set the field name, or use on_bad_row='skip'"
+                            "fix the data, set the field name (data.prompt_field / data.answer_field), "
+                            "or set data.on_bad_row=skip"
                         )
                         break
                     row[key] = value

@@ -390,4 +390,6 @@ def main(argv=None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from lad_jax.cli_errors import main_with_clear_errors
+
+    main_with_clear_errors(main)

@@ -10,7 +10,8 @@ import argparse
 import json
 import sys
 
-from lad_jax.config import ConfigError, load_config
+from lad_jax.cli_errors import main_with_clear_errors
+from lad_jax.config import load_config
 
 
 def parse_args(argv):
@@ -22,12 +23,11 @@ def parse_args(argv):
 
 
 def main(argv=None) -> dict:
+    """Runs the trainer; bad input raises (ConfigError, DataError, ...). The command line turns those into one line
+    (`lad_jax.cli_errors`)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides = list(args.overrides) + ([f"init_from={args.init_from}"] if args.init_from else [])
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
+    config = load_config(args.config, overrides)
     from lad_jax.trainer import Trainer, finished_summary
 
     done = finished_summary(config)
@@ -35,12 +35,8 @@ def main(argv=None) -> dict:
         print(f"{config.run_dir} already finished {done['steps']} steps; nothing to do (raise steps= to train on, "
               f"or use another run_name). Its summary:\n{json.dumps(done, indent=1)}", flush=True)
         return done
-    try:
-        trainer = Trainer(config)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    return trainer.run()
+    return Trainer(config).run()
 
 
 if __name__ == "__main__":
-    main()
+    main_with_clear_errors(main)

@@ -32,6 +32,8 @@ class Setup:
     schedule: Callable
     shardings: dict
     stop_ids: tuple[int, ...]
+    loader: Any  # data.PromptLoader over the train files (validated before the model is built)
+    eval_rows: list[dict]
 
 
 def task_files(c: Config) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
@@ -109,7 +111,11 @@ def build(c: Config) -> Setup:
     distributed.initialize(c.mesh)
     shape = check_devices(c, jax.device_count())
     mesh = make_mesh(*shape)
-    run_files.makedirs(c.run_dir)
+    try:
+        run_files.makedirs(c.run_dir)
+    except OSError as e:
+        raise ConfigError(f"output_dir={c.output_dir!r}: cannot create the run directory {c.run_dir} ({e}); choose a "
+                          "writable output_dir") from None
     if jax.process_index() == 0:
         save_config(c, run_files.join(c.run_dir, "config.yaml"))
     train_files, eval_files, tok_path = task_files(c)
@@ -119,6 +125,9 @@ def build(c: Config) -> Setup:
     tokenizer = load_tokenizer(tok_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Data before the model: a bad file fails in seconds, not after the weights are built.
+    loader = make_loader(c, train_files, tokenizer)
+    evals = eval_rows(c, eval_files) if c.eval.enabled else []
     from lad_jax.experience import prompt_bucket
 
     bucket = prompt_bucket(c)
@@ -133,32 +142,38 @@ def build(c: Config) -> Setup:
     graphdef, params, tx, schedule, shardings = train_objects(c, model, mesh)
     stop = tuple(model.config.eos_token_ids) or (tokenizer.eos_token_id,)
     return Setup(c, mesh, tokenizer, graphdef, model.config, params, build_reward_fn(reward_specs(c)),
-                 tuple(train_files), tuple(eval_files), tx, schedule, shardings, tuple(int(s) for s in stop))
+                 tuple(train_files), tuple(eval_files), tx, schedule, shardings, tuple(int(s) for s in stop), loader,
+                 evals)
 
 
-def make_loader(s: Setup):
-    from lad_jax.data import PromptLoader, load_rows
+def _load(c: Config, files, what: str):
+    from lad_jax.data import DataError, load_rows
 
-    c = s.config
-    rows, stats = load_rows(list(s.train_files), prompt_field=c.data.prompt_field, answer_field=c.data.answer_field,
+    rows, stats = load_rows(list(files), prompt_field=c.data.prompt_field, answer_field=c.data.answer_field,
                             extra_fields=c.data.extra_fields, on_bad_row=c.data.on_bad_row)
+    if not rows:
+        skipped = f" ({stats['bad_rows']} bad rows skipped)" if stats["bad_rows"] else ""
+        raise DataError(f"{', '.join(map(str, files))}: no {what} prompts{skipped}; check the file(s) "
+                        f"(data.{what}_files) and data.prompt_field={c.data.prompt_field!r}")
+    return rows, stats
+
+
+def make_loader(c: Config, train_files, tokenizer):
+    from lad_jax.data import PromptLoader
+
+    rows, stats = _load(c, train_files, "train")
     # One global iterator, the same on every host (each host holds the whole prompt batch; see trainer.py), so
     # every host's checkpointed iterator state is the same and all hosts resume at the same place.
-    return PromptLoader(rows, tokenizer=s.tokenizer, batch_size=c.rollout.prompts_per_step,
+    return PromptLoader(rows, tokenizer=tokenizer, batch_size=c.rollout.prompts_per_step,
                         seed=c.seed, max_prompt_tokens=c.data.max_prompt_tokens,
                         use_chat_template=c.data.use_chat_template, num_epochs=c.data.num_epochs,
                         system_prompt=c.data.system_prompt, load_stats=stats)
 
 
-def eval_rows(s: Setup) -> list[dict]:
-    from lad_jax.data import load_rows
-
-    c = s.config
-    if not s.eval_files:
+def eval_rows(c: Config, eval_files) -> list[dict]:
+    if not eval_files:
         return []
-    rows, _ = load_rows(list(s.eval_files), prompt_field=c.data.prompt_field, answer_field=c.data.answer_field,
-                        extra_fields=c.data.extra_fields, on_bad_row=c.data.on_bad_row)
-    return rows[: c.eval.max_prompts]
+    return _load(c, eval_files, "eval")[0][: c.eval.max_prompts]
 
 
 def step_key(seed: int, step: int):

@@ -91,8 +91,13 @@ class Trainer:
             self.recompute = functools.partial(self._recompute, fn)
         self.ckpt = CheckpointManager(config.checkpoint_dir, save_every=config.checkpoint.every or _NEVER,
                                       keep_last=config.checkpoint.keep)
-        self.loader = setup_lib.make_loader(s)
-        self.eval_rows = setup_lib.eval_rows(s) if config.eval.enabled else []
+        self.loader = s.loader
+        self.eval_rows = s.eval_rows
+        st = self.loader.stats
+        if st["bad_rows"] or st["dropped_too_long"]:
+            self.log(f"data: skipped {st['bad_rows']} bad rows (data.on_bad_row=skip) and {st['dropped_too_long']} "
+                     f"prompts longer than data.max_prompt_tokens={config.data.max_prompt_tokens}; "
+                     f"training on {st['kept']} prompts")
         self.state = None
         self.eval_before: dict[str, float] | None = None
 
@@ -193,6 +198,8 @@ class Trainer:
             "throughput/generated_tokens_per_s": metrics["tokens/generated"] / max(metrics["time/generate_s"], 1e-9),
             "compiles/train_step": float(self.step_fn.compiles),
             "compiles/sampler": float(sum(sampler.compile_counts().values())),
+            "data/skipped_bad_rows": float(self.loader.stats["bad_rows"]),
+            "data/dropped_too_long": float(self.loader.stats["dropped_too_long"]),
         })
         return metrics
 
@@ -264,7 +271,7 @@ class Trainer:
             else:
                 save_pretrained(self.policy(), None)  # the gathers are collective; process 0 writes
         summary = {"steps": step, "rl_seconds": seconds, "eval_before": self.eval_before, "eval_after": after,
-                   "compiles_train_step": self.step_fn.compiles}
+                   "compiles_train_step": self.step_fn.compiles, "data": dict(self.loader.stats)}
         if jax.process_index() == 0:
             run_files.write_text(run_files.join(c.run_dir, "summary.json"), json.dumps(summary, indent=1))
         self._log_eval("after RL", after)

@@ -92,3 +92,54 @@ def test_stop_decision_is_agreed_across_processes():
     assert agreed_stop(True, process_count=2, allgather=fake_allgather([1, 0])) is True
     assert agreed_stop(False, process_count=2, allgather=fake_allgather([0, 0])) is False
     assert calls == [[0], [1], [0]]
+
+
+@pytest.mark.parametrize("case", ["yaml", "row", "empty", "missing", "output_dir"])
+def test_bad_input_is_one_line_before_the_model_is_built(tmp_path, capsys, monkeypatch, case):
+    """Each user-fixable failure ends `python -m lad_jax.train` with one line naming the file or key."""
+    from lad_jax import train, train_setup
+    from lad_jax.cli_errors import main_with_clear_errors
+
+    monkeypatch.delenv("LAD_DEBUG", raising=False)
+    monkeypatch.setattr(train_setup, "build_model", lambda *a: pytest.fail("model built before the data was checked"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  num_samples: [4\n")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "digits summing to nine"}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = ["--config", "configs/tiny_test.yaml", f"output_dir={tmp_path / 'runs'}"]
+    argv, expected = {
+        "yaml": (["--config", str(bad)], ["config error:", "bad.yaml: line 3", "malformed YAML"]),
+        "row": (base + [f"data.train_files=[{rows}]"], ["data error:", "rows.jsonl:1", "'answer'",
+                                                         "data.on_bad_row=skip"]),
+        "empty": (base + [f"data.train_files=[{empty}]"], ["data error:", "empty.jsonl", "no train prompts"]),
+        "missing": (base + [f"data.train_files=[{tmp_path / 'nope.jsonl'}]"], ["data error:", "does not exist"]),
+        "output_dir": (["--config", "configs/tiny_test.yaml", "output_dir=/proc/lad_jax_nope"],
+                       ["config error:", "output_dir='/proc/lad_jax_nope'", "writable"]),
+    }[case]
+    with pytest.raises(SystemExit) as exc:
+        main_with_clear_errors(train.main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for part in expected:
+        assert part in err[0], (part, err[0])
+
+
+def test_skipped_rows_are_counted_in_log_metrics_and_summary(tmp_path):
+    from lad_jax.tasks import numbers
+    from lad_jax.trainer import Trainer
+
+    train, _ = numbers.write_data(str(tmp_path / "data"), num_train=64, num_eval=4, seed=0)
+    with open(train, "a") as fh:
+        fh.write('{"prompt": "no answer here"}\n{not json\n')
+    config = load_config("configs/tiny_test.yaml", [
+        f"output_dir={tmp_path}", "run_name=skip", "steps=1", f"data.train_files=[{train}]", "data.on_bad_row=skip",
+        "checkpoint.export_hf=false"])
+    lines = []
+    summary = Trainer(config, log=lines.append).run()
+    assert any("skipped 2 bad rows" in line for line in lines), lines
+    assert summary["data"]["bad_rows"] == 2 and summary["data"]["kept"] == 64
+    metrics = json.loads(open(os.path.join(config.run_dir, "metrics.jsonl")).readline())
+    assert metrics["data/skipped_bad_rows"] == 2.0
