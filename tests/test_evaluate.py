@@ -108,7 +108,7 @@ def test_evaluate_policy_aligns_prompts_rewards_and_summary(tiny_policy):
     assert greedy["pass@1"] == greedy["pass@3"]
 
 
-def test_cli_checkpoint_and_hf_model_match_direct_evaluation(tmp_path):
+def test_cli_checkpoint_and_hf_model_match_direct_evaluation(tmp_path, monkeypatch):
     import json
 
     import jax
@@ -136,10 +136,11 @@ def test_cli_checkpoint_and_hf_model_match_direct_evaluation(tmp_path):
     _, eval_file = numbers.write_data(str(tmp_path / "data"), num_train=4, num_eval=8, seed=0)
 
     common = ["--data", eval_file, "--k", "3", "--max_prompts", "5"]
-    from_ckpt = evaluate.main(["--checkpoint", str(tmp_path / "ev"), "--out", str(tmp_path / "a.json")] + common)
+    monkeypatch.chdir(tmp_path)  # relative paths on the command line, as a user types them
+    from_ckpt = evaluate.main(["--checkpoint", "ev", "--out", "a.json"] + common)
     from_hf = evaluate.main(["--hf_model", str(tmp_path / "hf"), "--out", str(tmp_path / "b.json")] + common
                             + overrides)
-    assert from_ckpt["source"] == {"checkpoint": str(tmp_path / "ev"), "step": 3}
+    assert from_ckpt["source"] == {"checkpoint": "ev", "step": 3}
     assert json.loads((tmp_path / "a.json").read_text())["metrics"] == from_ckpt["metrics"]
     assert {"pass@1", "pass@3", "avg@3", f"distinct_{c.eval.ngram}gram_ratio"} <= set(from_ckpt["metrics"])
     assert from_ckpt["data"]["num_prompts"] == 5 and from_ckpt["sampling"]["k"] == 3
