@@ -137,27 +137,37 @@ class CheckpointManager:
 
     def restore_latest(self, abstract_state: Any, *, partial: bool = False,
                        log: Callable[[str], None] = print) -> tuple[int, Any, dict[str, Any]] | None:
-        """(step, state, meta) of the newest finished checkpoint that restores cleanly, or None. See `restore`.
+        """(step, state, meta) of the newest finished checkpoint that restores cleanly, or None when there is none.
 
-        A damaged step (truncated or missing files) is skipped with one line through `log` naming the step and the
-        error, and moved aside to `<step>.damaged` (never deleted), so the run resumes from the newest good step and
-        later saves can reuse the step number. With several processes the skip is agreed (any process failing).
+        Damaged newer steps (truncated or missing files) are skipped, each with one line through `log` naming the step
+        and the error, and moved aside to `<step>.damaged` (never deleted), so the run resumes from the newest good
+        step and later saves can reuse the step numbers. When no step restores, nothing is moved and CheckpointError
+        says why (a run must not silently start over). With several processes a step counts as damaged when it fails
+        on any process. See `restore` for the arguments.
         """
         self.wait()
+        damaged: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
                 state, meta = self.restore(step, abstract_state, partial=partial)
                 error = None
             except Exception as e:  # orbax / tensorstore raise many types for damaged files
                 state = meta = None
-                error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-            if not distributed.allgather(np.asarray([error is not None], np.int32)).any():
-                return step, state, meta
-            if self.read_only:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} cannot be restored ({error})")
-            aside = self._move_aside(step)
-            log(f"checkpoint step {step} in {self.directory} cannot be restored ({error or 'on another process'}); "
-                f"skipped it, kept as {aside.name}")
+                error = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            if distributed.allgather(np.asarray([error is not None], np.int32)).any():
+                damaged.append((step, error or "failed on another process"))
+                continue
+            for bad, why in damaged:
+                if self.read_only:
+                    log(f"checkpoint step {bad} in {self.directory} cannot be restored ({why}); using step {step}")
+                else:
+                    log(f"checkpoint step {bad} in {self.directory} cannot be restored ({why}); skipped it, kept as "
+                        f"{self._move_aside(bad).name}; resuming from step {step}")
+            return step, state, meta
+        if damaged:
+            bad, why = damaged[0]
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored (newest: step {bad}: {why}); "
+                                  "repair or move the directory away to start over, or set checkpoint.resume=false")
         return None
 
     def _move_aside(self, step: int) -> epath.Path:

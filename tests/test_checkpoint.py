@@ -165,3 +165,13 @@ def test_damaged_newest_checkpoint_falls_back_and_is_kept(tmp_path, monkeypatch,
     assert mgr.save(3, _big(3), meta={"step": 3})  # the step number is free again
     mgr.close()
     assert CheckpointManager("ckpt", save_every=1, keep_last=3).restore_latest(_big(0))[0] == 3
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ckpt", save_every=1, keep_last=2)
+    mgr.save(1, _big(1), meta={"step": 1})
+    mgr.close()
+    (tmp_path / "ckpt" / "1" / "meta" / "metadata").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint .* can be restored .*step 1"):
+        CheckpointManager(tmp_path / "ckpt", save_every=1, keep_last=2).restore_latest(_big(0))
+    assert (tmp_path / "ckpt" / "1").is_dir()  # untouched
