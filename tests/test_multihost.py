@@ -18,6 +18,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from multihost import REPO, ProcessGroup, check_all_ok, process_env
+from shared import shared_dir
 
 pytestmark = pytest.mark.slow
 
@@ -74,21 +75,15 @@ def _assert_same_training(a_dir, b_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The reference runs, made once per test session: the lock and the shared directory (the parent of every
-    xdist worker's base temp dir) keep a second worker or a second set-up from running them again."""
-    from filelock import FileLock
-
-    base = tmp_path_factory.getbasetemp()
-    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "multihost_runs"
-    with FileLock(f"{out}.lock"):
-        if not (out / "done.json").exists():
-            out.mkdir(exist_ok=True)
+    """The reference runs, made once per test session (see tests/shared.py)."""
+    with shared_dir(tmp_path_factory, "multihost_runs") as (out, first):
+        if first:
             group = _two_processes(out, "two")
             _one_process(out, "one")
             results = group.wait(TIMEOUT)
             check_all_ok(results)
-            (out / "done.json").write_text(json.dumps(results))
-    return out, json.loads((out / "done.json").read_text())
+            (out / "results.json").write_text(json.dumps(results))
+    return out, json.loads((out / "results.json").read_text())
 
 
 def test_two_processes_train_like_one(runs):

@@ -8,6 +8,7 @@ import pytest
 
 from lad_jax.config import load_config
 from lad_jax.trainer import Trainer
+from shared import shared_dir
 
 
 OVERRIDES = ["run_name=e2e", "steps=16", "rollout.prompts_per_step=16", "rollout.num_samples=8",
@@ -20,10 +21,12 @@ OVERRIDES = ["run_name=e2e", "steps=16", "rollout.prompts_per_step=16", "rollout
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    config = load_config("configs/tiny_test.yaml", [f"output_dir={out}", *OVERRIDES])
-    summary = Trainer(config, log=lambda *a, **k: None).run()
-    return config, summary
+    """One training run per test session, shared by the xdist workers (tests/shared.py); tests only read it."""
+    with shared_dir(tmp_path_factory, "e2e") as (out, first):
+        config = load_config("configs/tiny_test.yaml", [f"output_dir={out}", *OVERRIDES])
+        if first:
+            Trainer(config, log=lambda *a, **k: None).run()
+    return config, json.loads(open(os.path.join(config.run_dir, "summary.json")).read())
 
 
 def test_rerunning_a_finished_run_changes_nothing(run, capsys):
