@@ -136,7 +136,8 @@ def score_rows(reward_fn: Callable, completions: Sequence[str], rows: Sequence[M
     the shares' metrics (the registry's reward metrics are means over rows).
     """
     n = len(completions)
-    mine = share(n)
+    # Fewer rows than processes (a tiny eval): every process scores them all rather than leaving a share empty.
+    mine = share(n) if n >= jax.process_count() else slice(0, n)
     extra = {} if num_tokens is None else {"num_tokens": np.asarray(num_tokens)[mine]}
     result = reward_fn(list(completions[mine]), list(rows[mine]), **extra)
     rewards, metrics = result if isinstance(result, tuple) else (result, {})
@@ -144,7 +145,7 @@ def score_rows(reward_fn: Callable, completions: Sequence[str], rows: Sequence[M
     if rewards.shape != (mine.stop - mine.start,):
         raise ValueError(f"reward function returned {rewards.shape[0]} rewards for {mine.stop - mine.start} "
                          "completions")
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or n < jax.process_count():
         return rewards, {k: float(v) for k, v in (metrics or {}).items()}
     names = sorted(metrics or {})
     check_same("reward metric names", names)
