@@ -10,8 +10,6 @@ import os
 import sys
 from typing import Any, Callable
 
-from lad_jax.config_checks import ConfigError
-
 _KINDS = (("lad_jax.config_checks", "ConfigError", "config"), ("lad_jax.data", "DataError", "data"),
           ("lad_jax.checkpoint", "CheckpointError", "checkpoint"))
 
@@ -34,6 +32,3 @@ def main_with_clear_errors(fn: Callable[[Any], Any], argv=None) -> Any:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"{kind} error: {message} (LAD_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-
-
-__all__ = ["ConfigError", "main_with_clear_errors"]

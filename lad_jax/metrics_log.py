@@ -67,10 +67,12 @@ class MetricsWriter:
         self._lines: list[str] = []
         self._dirty = False
         self._uploaded_at = time.monotonic()
-        existing = run_files.read_text(self.path) or ""
-        if existing and not existing.endswith("\n"):
-            existing += "\n"  # a torn last line stays on its own line
-        lines = existing.splitlines(keepends=True)
+        lines: list[str] = []
+        if self.remote or resume_step is not None:  # a local file is only read to drop steps after the resume
+            existing = run_files.read_text(self.path) or ""
+            if existing and not existing.endswith("\n"):
+                existing += "\n"  # a torn last line stays on its own line
+            lines = existing.splitlines(keepends=True)
         if resume_step is not None:
             kept = [line for line in lines if _line_step(line) <= resume_step]
             if len(kept) != len(lines):

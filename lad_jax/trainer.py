@@ -74,9 +74,8 @@ def finished_summary(c: Config) -> dict[str, Any] | None:
 class Trainer:
     def __init__(self, config: Config, *, log=functools.partial(print, flush=True)):
         self.c = config
-        distributed.initialize(config.mesh)  # before any other JAX call
+        self.s = setup_lib.build(config)  # starts jax.distributed first: no JAX call may come before it
         self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
-        self.s = setup_lib.build(config)
         s = self.s
         self.step_fn = TrainStep(config, s.graphdef, s.tx, s.schedule, s.mesh, s.shardings)
         self.recompute = None
@@ -133,8 +132,7 @@ class Trainer:
                                           batch_size=c.task.sft_batch_size, lr=c.task.sft_lr,
                                           correct_fraction=c.task.sft_correct_fraction, seed=c.seed, log=self.log)
             self.log(f"warm-start done in {time.perf_counter() - t0:.1f}s (loss {loss:.3f})")
-        params = jax.tree.map(lambda p, sh: p if isinstance(p, jax.Array) else distributed.global_array(p, sh),
-                              params, self.s.shardings["params"])
+            params = jax.tree.map(distributed.global_array, params, self.s.shardings["params"])  # host -> mesh
         self.state = init_train_state(self.s.tx, params, self.s.shardings)
         return 0
 
