@@ -89,7 +89,10 @@ class MetricsWriter:
             if self.remote:
                 _ensure_tensorboard_backend(self.run_dir)
             purge = None if resume_step is None else int(resume_step) + 1
-            self._tb = SummaryWriter(logdir=self.run_dir, purge_step=purge)
+            # tensorboardX names event files by the second and opens them with "wb": a writer started in the same
+            # second as an earlier one (a fast resume) would truncate its file. The nanosecond suffix keeps names
+            # unique and in time order, which is the order TensorBoard reads them in.
+            self._tb = SummaryWriter(logdir=self.run_dir, purge_step=purge, filename_suffix=f".{time.time_ns()}")
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Writes one step's scalars; returns them as floats."""

@@ -60,6 +60,41 @@ def test_writer_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert (run / "metrics.jsonl").read_text().splitlines() == ['{"step": 1, "loss": 9.0}']
 
 
+def _tensorboard_series(run_dir, tag):
+    """The (step, value) series TensorBoard shows for `tag`: event files read in name (time) order, and a
+    SessionLog.START at step s (what `purge_step` writes) discards every earlier event at step >= s, as TensorBoard's
+    event accumulator does."""
+    series: dict[int, float] = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + n])
+            i += 16 + n
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                series = {s: v for s, v in series.items() if s < event.step}
+            for v in event.summary.value:
+                if v.tag == tag:
+                    assert event.step not in series, f"step {event.step} of {tag} logged twice"
+                    series[event.step] = v.simple_value
+    return sorted(series.items())
+
+
+def test_tensorboard_resume_purges_steps_after_the_checkpoint(tmp_path):
+    """A resumed run's TensorBoard shows each step once, with the resumed attempt's values."""
+    run = tmp_path / "run"
+    with MetricsWriter(run) as writer:
+        for step in range(1, 7):
+            writer.write(step, {"loss": float(step)})
+    with MetricsWriter(run, resume_step=4) as writer:  # killed after step 6, last checkpoint at step 4
+        for step in range(5, 9):
+            writer.write(step, {"loss": 10.0 * step})
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    assert _tensorboard_series(run, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0),
+                                                (7, 70.0), (8, 80.0)]
+
+
 def test_deferred_metrics_returns_previous_step():
     deferred = DeferredMetrics()
     assert deferred.push(1, {"loss": jnp.float32(1.0)}) is None
