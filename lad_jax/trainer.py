@@ -33,7 +33,7 @@ from flax import nnx
 
 from lad_jax import distributed, experience, run_files, sampler
 from lad_jax import train_setup as setup_lib
-from lad_jax.checkpoint import CheckpointManager, install_preemption_handler
+from lad_jax.checkpoint import CheckpointError, CheckpointManager, install_preemption_handler
 from lad_jax.config import Config
 from lad_jax.metrics_log import MetricsWriter
 from lad_jax.train_step import TrainStep, batch_sharding, init_train_state, make_logprob_fn
@@ -158,6 +158,19 @@ class Trainer:
             run_files.write_text(run_files.join(c.run_dir, f"eval_step{step}.json"),
                                  json.dumps({"step": step, "summary": summary, "samples": samples[:8]}, indent=1))
         return summary
+
+    def reevaluate(self) -> dict[str, float]:
+        """Evaluates the newest checkpoint again, as the run's final eval did (asked for with `--reevaluate` on a
+        finished run). Writes only `eval_step<N>.json`; metrics, TensorBoard and summary.json stay as they are."""
+        restored = self.ckpt.restore_latest(self._abstract_state(), log=self.log)
+        if restored is None:
+            raise CheckpointError(f"--reevaluate: no checkpoint in {self.c.checkpoint_dir} to evaluate; "
+                                  f"train first (python -m lad_jax.train without --reevaluate)")
+        step, self.state, _ = restored
+        ev = self.evaluate(int(step))
+        self.ckpt.close()
+        self._log_eval(f"step {int(step)}, re-evaluated", ev)
+        return ev
 
     # ---- loop ------------------------------------------------------------------------------------------
     def train_one(self, step: int) -> dict[str, float]:

@@ -40,6 +40,24 @@ def test_rerunning_a_finished_run_changes_nothing(run, capsys):
     assert _snapshot(config.run_dir) == files
 
 
+def test_reevaluate_on_request_writes_only_the_eval_file(run):
+    from lad_jax import train
+
+    config, summary = run
+    files = _snapshot(config.run_dir)
+    ev = train.main(["--config", "configs/tiny_test.yaml", f"output_dir={config.output_dir}", *OVERRIDES,
+                     "--reevaluate"])
+    assert ev == summary["eval_after"]  # the final checkpoint, evaluated as the run's last eval did
+    now = _snapshot(config.run_dir)
+    assert {p: v[1] for p, v in now.items()} == {p: v[1] for p, v in files.items()}  # same files, same bytes
+    # Only the eval file, config.yaml and the task's regenerated inputs (data/, tokenizer/) are rewritten; the run's record
+    # (metrics.jsonl, TensorBoard, summary.json, checkpoints) is not touched.
+    rewritten = {os.path.join(config.run_dir, name) for name in ("eval_step16.json", "config.yaml", "data", "tokenizer")}
+    kept = [p for p in files if not any(p == r or p.startswith(r + os.sep) for r in rewritten)]
+    assert any(p.endswith("metrics.jsonl") for p in kept) and any(p.endswith("summary.json") for p in kept)
+    assert {p: now[p][0] for p in kept} == {p: files[p][0] for p in kept}
+
+
 def _snapshot(root):
     out = {}
     for folder, _, names in os.walk(root):
