@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices, set before jax is imported anywhere, and one compilation cache per session."""
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
@@ -17,6 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # whole optimised-for program, compile options, devices and jax/jaxlib versions, so a hit is the same executable
 # (tests that compare runs bit for bit keep passing whether a process compiled or loaded). Fresh per session, so a
 # run never reads executables from another checkout.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="lad_jax_test_xla_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lad_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)  # its maker ends last
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
