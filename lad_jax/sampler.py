@@ -252,11 +252,11 @@ def generate(
         valid_bl, positions_b = put(rep(valid_pl)), put(rep(lengths_p))
         s = sampler_loop.start(cache, logits_bv, stop_ids, params, key, pad, mode=mode,
                                max_new_tokens=max_new_tokens)
-        layer_params = sampler_loop.split_layers(graphdef, state)
+        weights = sampler_loop.decode_weights(graphdef, state)
         for end_step, window in windows:  # dispatched back to back: no host sync between phases
             if window > s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]]:
                 s = sampler_loop.grow(s, window=window)
-            s = sampler_loop.decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
+            s = sampler_loop.decode(graphdef, state, weights, s, valid_bl, positions_b, stop_ids, params, pad,
                                     mode=mode, end_step=end_step, window=window)
         tokens_bt, logprobs_bt, lengths_b, stopped_b = s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b
         if multi:  # every process gets the whole result
