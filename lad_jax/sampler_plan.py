@@ -49,9 +49,8 @@ def compile_rollout(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_
         names = ("batch",) + (None,) * (len(shape) - 1)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec_for_shape(names, shape, mesh)))
 
-    def small(tree):
-        return jax.tree.map(lambda x: _abstract(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), replicated),
-                            tree)
+    def small(tree):  # abstract shapes (from eval_shape: no arrays are made on the mesh's devices), replicated
+        return jax.tree.map(lambda x: _abstract(x, replicated), tree)
 
     dtype = model_config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
     b = prompts * num_samples
@@ -65,10 +64,10 @@ def compile_rollout(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_
         weights_c = sampler_loop.decode_weights.lower(graphdef, state).compile()
         yield "decode_weights", weights_c
         weights = _outputs(weights_c)
-        stop_ids = small(jnp.zeros((num_stop_ids,), jnp.int32))
-        params = small(sampling.params())
-        key = _abstract(jax.eval_shape(lambda: jax.random.key(0)), replicated)
-        pad = small(jnp.zeros((), jnp.int32))
+        stop_ids = small(jax.ShapeDtypeStruct((num_stop_ids,), jnp.int32))
+        params = small(jax.eval_shape(sampling.params))
+        key = small(jax.eval_shape(lambda: jax.random.key(0)))
+        pad = small(jax.ShapeDtypeStruct((), jnp.int32))
         start = sampler_loop.start.lower(cache, logits_bv, stop_ids, params, key, pad, mode=sampling.mode,
                                          max_new_tokens=max_new_tokens).compile()
         yield "start", start

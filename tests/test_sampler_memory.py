@@ -43,15 +43,18 @@ def _loop_computations(hlo: str) -> dict[str, list[str]]:
 def test_decode_loop_gathers_no_parameters():
     mesh = make_mesh(data=1, fsdp=4, tensor=2)
     phases = dict(compile_rollout(tiny_config("qwen2", **BF16), mesh, prompts=4, num_samples=2, prompt_bucket=16,
-                                  max_new_tokens=32, decode_phases=1))
+                                  max_new_tokens=64, decode_phases=2))
+    assert [n for n in phases if n.startswith(("grow", "decode@"))] == ["decode@48", "grow_k@80", "grow_v@80",
+                                                                       "decode@80"]
     top, layers = phases["decode_weights"].out_info
     for w in [*top.values(), *(w for p in layers for w in p.values())]:
         assert w.dtype == jnp.bfloat16
         assert "fsdp" not in jax.tree.leaves(tuple(w.sharding.spec))  # tensor-sharded at most
-    loop = _loop_computations(phases["decode@48"].as_text())
-    assert loop, "no while loop found in the decode HLO"
-    gathers = [line.strip()[:160] for lines in loop.values() for line in lines if "all-gather" in line]
-    assert not gathers, gathers
+    for window in (48, 80):
+        loop = _loop_computations(phases[f"decode@{window}"].as_text())
+        assert loop, "no while loop found in the decode HLO"
+        gathers = [line.strip()[:160] for lines in loop.values() for line in lines if "all-gather" in line]
+        assert not gathers, gathers
 
 
 def _decode(model, weights, seed):
