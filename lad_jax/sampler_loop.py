@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from lad_jax.models.attention import causal_mask
 from lad_jax.models.cache import (CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS,
                                   init_cache, unstack_cache)
 from lad_jax.models.transformer import block_param_specs, top_param_specs
@@ -43,11 +44,9 @@ def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_l
     p, lp = tokens_pl.shape
     cache = init_cache(model.config, p, cache_len, cache_dtype)
     cache = {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
-    slots = jnp.arange(cache_len)
-    causal_ts = slots[None, :] <= jnp.arange(lp)[:, None]
     valid_ps = jnp.pad(valid_pl, ((0, 0), (0, cache_len - lp)))
-    mask_pts = causal_ts[None] & valid_ps[:, None, :]
-    hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask_bts=mask_pts)
+    mask = causal_mask(p, lp, cache_len, 0, valid_ps)
+    hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask=mask)
     # left padding puts every prompt's last token at the last position
     logits_pv = model.logits(hidden_ptd[:, -1:])[:, 0]
     cache = unstack_cache(cache)
