@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from lad_jax.config_checks import (  # noqa: F401  (re-exported: one place for names and checks)
-    ADVANTAGES, AGGREGATIONS, ARCH_FIELDS, DISTRIBUTED, DIVERGENCES, DTYPES, LOSSES, OLD_LOGPROBS, RATIO_LEVELS,
-    SCHEDULES, TASKS, ConfigError, check_devices, mesh_shape, validate)
+    ADVANTAGES, AGGREGATIONS, ARCH_FIELDS, ATTENTION_IMPLS, DISTRIBUTED, DIVERGENCES, DTYPES, LOSSES, OLD_LOGPROBS,
+    RATIO_LEVELS, SCHEDULES, TASKS, ConfigError, check_devices, mesh_shape, validate)
 
 
 @dataclasses.dataclass(frozen=True)
