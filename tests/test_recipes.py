@@ -16,7 +16,7 @@ from flax import nnx
 from lad_jax import train_step as ts
 from lad_jax.config import Config, check_devices, load_config
 from lad_jax.experience import prompt_bucket
-from lad_jax.models import ModelConfig, Transformer, init_cache
+from lad_jax.models import ModelConfig, Transformer, init_cache, known_configs
 from lad_jax.rewards import build_reward_fn
 from lad_jax.sharding import make_mesh
 from lad_jax.train_setup import reward_specs
@@ -25,22 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [p for p in CONFIGS if p.name not in ("default.yaml", "tiny_test.yaml")]
 
-# Architecture fields of the published config.json files the recipes start from (init_from), so the memory
-# comments and the context-length limit can be checked offline.
-_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6,
-          "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643}
-HF_CONFIGS = {
-    "Qwen/Qwen2.5-Math-1.5B": {**_QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                               "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-                               "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True},
-    "Qwen/Qwen2.5-7B": {**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                        "max_position_embeddings": 131072, "rope_theta": 1000000.0, "tie_word_embeddings": False},
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": {
-        **_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-        "max_position_embeddings": 131072, "rope_theta": 10000.0, "tie_word_embeddings": False},
-}
+HF_CONFIGS = known_configs.HF_CONFIGS
 
 
 def _memory_estimate():
