@@ -168,7 +168,7 @@ def _next_inputs(lowered, compiled):
 class Planner:
     """Builds the trainer's objects for config `c` on `mesh` with abstract arrays and compiles each phase."""
 
-    def __init__(self, c, mesh):
+    def __init__(self, c, mesh, log=lambda msg: None):
         import jax
         from flax import nnx
 
@@ -176,7 +176,7 @@ class Planner:
         from lad_jax import train_step as ts
         from lad_jax.models import Transformer
 
-        self.c, self.mesh = c, mesh
+        self.c, self.mesh, self.log = c, mesh, log
         self.model_config = model_config(c)
         abstract_model = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(c.seed)))
         # train_objects only reads shapes and shardings from the model, so the abstract one gives the real ones.
@@ -207,6 +207,7 @@ class Planner:
                                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
         self.phases.append(Phase(name, arg, out, alias, temp, arg + out - alias + temp, resident, dt,
                                  compiler_peak_bytes=int(getattr(m, "peak_memory_in_bytes", 0) or 0)))
+        self.log(f"{name}: compiled in {dt:.1f}s, peak {(arg + out - alias + temp) / GIB:.3f} GiB per chip")
         return lowered, compiled
 
     def train_step(self):
@@ -337,14 +338,14 @@ class Planner:
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
-def plan(c, devices, *, hbm_gib: float | None = None) -> dict[str, Any]:
+def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None) -> dict[str, Any]:
     """Compile every phase of config `c` for `devices`; returns the report dict (`--json` prints it)."""
     from lad_jax.config import check_devices
     from lad_jax.sharding import make_mesh
 
     shape = check_devices(c, len(devices))
     mesh = make_mesh(*shape, devices=devices)
-    planner = Planner(c, mesh)
+    planner = Planner(c, mesh, log)
     phases = planner.run_all()
     limit = usable_hbm_bytes(devices, hbm_gib)
     rows = []
@@ -432,7 +433,8 @@ def main(argv=None) -> int:
                                 "CPU devices; run python -m lad_jax.plan in a fresh process")
             devices = devices[: args.devices]
         c = load_config(args.config, args.overrides)
-        report = plan(c, devices, hbm_gib=args.hbm_gib)
+        report = plan(c, devices, hbm_gib=args.hbm_gib,
+                      log=lambda msg: print(f"plan: {msg}", file=sys.stderr, flush=True))
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
