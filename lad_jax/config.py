@@ -36,6 +36,8 @@ class ModelSection:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    # attention kernel: auto | dense | blockwise | splash (TPU) | cudnn (GPU); see lad_jax/models/attention.py
+    attention: str = "auto"
     tokenizer: str | None = None  # HF tokenizer dir; null = from init_from or built by the task
     logprob_chunk_size: int = 256
 

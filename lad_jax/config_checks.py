@@ -13,6 +13,8 @@ SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 TASKS = ("none", "numbers")
 DISTRIBUTED = ("auto", "on", "off")
+# attention kernels (lad_jax.models.attention): auto = dense for short sequences, else blockwise / splash on TPU
+ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                "head_dim")
 
@@ -57,6 +59,7 @@ def validate(c) -> None:
     _choice(m.param_dtype, DTYPES, "model.param_dtype")
     _choice(m.dtype, DTYPES, "model.dtype")
     _choice(m.remat, ("none", "full", "dots"), "model.remat")
+    _choice(m.attention, ATTENTION_IMPLS, "model.attention")
     _positive(m.logprob_chunk_size, "model.logprob_chunk_size")
     if c.task.name == "none" and m.tokenizer is None and c.init_from is None:
         raise ConfigError("model.tokenizer is null, init_from is null and task.name='none': nothing provides a "
@@ -181,8 +184,19 @@ def mesh_shape(c, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
-def check_devices(c, num_devices: int) -> tuple[int, int, int]:
-    """Checks the mesh against the device count and the batch sizes against the batch axes; returns the shape."""
+# kernels that exist on one platform only; `auto` never picks them elsewhere
+_ATTENTION_PLATFORM = {"splash": "tpu", "cudnn": "gpu"}
+
+
+def check_devices(c, num_devices: int, platform: str | None = None) -> tuple[int, int, int]:
+    """Checks the mesh against the device count and the batch sizes against the batch axes; returns the shape.
+
+    With `platform` (jax's backend name), also that `model.attention` can run there.
+    """
+    needs = _ATTENTION_PLATFORM.get(c.model.attention)
+    if platform is not None and needs is not None and platform != needs:
+        raise ConfigError(f"model.attention={c.model.attention!r} runs only on {needs.upper()} but this run's "
+                          f"devices are {platform!r}; use model.attention=auto (or blockwise / dense)")
     d, f, _ = mesh_shape(c, num_devices)
     n = d * f  # batch rows are sharded over data x fsdp
     a = c.algorithm

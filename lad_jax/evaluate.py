@@ -296,17 +296,20 @@ def _model(c, tokenizer, mesh, args):
 
     m = c.model
     if args.hf_model is not None:
-        model = from_pretrained(args.hf_model, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        model = from_pretrained(args.hf_model, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
+                                attention=m.attention)
         return model, {"hf_model": args.hf_model}
     if args.checkpoint is None:
         if c.init_from is None:
             raise SystemExit("nothing to evaluate: pass --checkpoint DIR or --hf_model DIR (or set init_from)")
-        model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
+                                attention=m.attention)
         return model, {"hf_model": c.init_from}
     import jax
 
     if c.init_from is not None:  # the architecture comes from the checkpoint the run started from
-        arch = load_config(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+        arch = load_config(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                           attention=m.attention)
         abstract = nnx.eval_shape(lambda: Transformer(arch, rngs=nnx.Rngs(0)))
     else:
         abstract = nnx.eval_shape(lambda: build_model(c, tokenizer, None))

@@ -4,10 +4,10 @@
     python -m lad_jax.plan --config configs/tiny_test.yaml --devices 8
 
 The phases are the trainer's own jitted functions, built by the trainer's own code (`train_setup.train_objects`,
-`train_step.TrainStep`, `train_step.make_logprob_fn`, `sampler_loop.prefill / start / split_layers / decode / grow`)
-and lowered with `jax.ShapeDtypeStruct`s that carry the trainer's shardings: no weights are read or allocated. Each
-phase's inputs are the previous phase's compiled outputs (shapes and shardings), in the order `sampler.generate`
-runs them, so the chain is the one a real rollout executes. The architecture comes from `init_from`'s local
+`train_step.TrainStep`, `train_step.make_logprob_fn`, and for the rollout and the eval `sampler_plan.compile_rollout`,
+which compiles `sampler_loop`'s phases in the order `sampler.generate` runs them, each phase's inputs being the
+previous phase's compiled outputs) and lowered with `jax.ShapeDtypeStruct`s that carry the trainer's shardings: no
+weights are read or allocated. The architecture comes from `init_from`'s local
 config.json, or for a hub id, the built-in table `lad_jax.models.known_configs` (no download).
 
 `--topology NAME` compiles for a TPU slice with libtpu's compile-only topologies (`pip install -e .[plan]`; no TPU
@@ -125,7 +125,8 @@ def model_config(c):
                 raise PlanError(f"init_from={c.init_from!r}: no local config.json and not in the built-in table "
                                 f"({', '.join(sorted(known_configs.HF_CONFIGS))}); pass a directory holding its "
                                 "config.json")
-        return ModelConfig.from_hf_config(hf, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        return ModelConfig.from_hf_config(hf, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
+                                          attention=m.attention)
     if c.task.name == "numbers":
         import tempfile
 
@@ -157,11 +158,12 @@ def _bytes_per_chip(tree) -> int:
     return total
 
 
-def _next_inputs(lowered, compiled):
-    """The compiled function's outputs as abstract arrays on their output shardings (the next phase's inputs)."""
-    import jax
-    return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info,
-                        compiled.output_shardings)
+def _out_of_memory(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 # ---- the phases --------------------------------------------------------------------------------------------------
@@ -192,23 +194,22 @@ class Planner:
     def _compile(self, name, lower, resident: int):
         t0 = time.perf_counter()
         try:
-            lowered = lower()
-            compiled = lowered.compile()
+            compiled = lower().compile()
         except Exception as e:  # the TPU compiler refuses programs that exceed HBM
-            msg = str(e)
-            if "RESOURCE_EXHAUSTED" not in msg and "Ran out of memory" not in msg:
+            if not _out_of_memory(e):
                 raise
-            self.phases.append(Phase(name, 0, 0, 0, 0, 0, resident, time.perf_counter() - t0,
-                                     error=msg.splitlines()[0][:300]))
-            return None, None
-        dt = time.perf_counter() - t0
+            self.phases.append(Phase(name, 0, 0, 0, 0, 0, resident, time.perf_counter() - t0, error=_first_line(e)))
+            return None
+        self._record(name, compiled, resident, time.perf_counter() - t0)
+        return compiled
+
+    def _record(self, name, compiled, resident: int, dt: float):
         m = compiled.memory_analysis()
         arg, out, alias, temp = (int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
         self.phases.append(Phase(name, arg, out, alias, temp, arg + out - alias + temp, resident, dt,
                                  compiler_peak_bytes=int(getattr(m, "peak_memory_in_bytes", 0) or 0)))
         self.log(f"{name}: compiled in {dt:.1f}s, peak {(arg + out - alias + temp) / GIB:.3f} GiB per chip")
-        return lowered, compiled
 
     def train_step(self):
         import jax
@@ -244,80 +245,60 @@ class Planner:
         return self._compile("recompute", lower, self.opt_bytes)
 
     def generate(self, label: str, prompts: int, samples: int, prompt_bucket: int, max_new_tokens: int,
-                 temperature: float, top_k: int, top_p: float):
-        """The phases of one `sampler.generate` call, in its order: prefill, start, split_layers, then per decode
-        window a cache growth (when the window widens) and the decode."""
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-        from jax.sharding import NamedSharding
+                 sampling):
+        """The phases of one `sampler.generate` call, compiled in its order by `sampler_plan.compile_rollout` (each
+        phase's inputs are the previous phase's compiled outputs). `resident_bytes` adds what `generate` keeps alive
+        beside the phase's own arguments: the optimizer state always; the params, the decode weights and the sampler
+        state where they are not arguments; during a layer-by-layer cache growth, the other layers' buffers at the
+        worst moment (the last layer, every earlier one already grown)."""
+        from lad_jax import sampler_plan
 
-        from lad_jax import sampler_loop
-        from lad_jax.models.cache import LAYER_CACHE_SEQUENCE_AXIS
-        from lad_jax.sampling import Sampling
-        from lad_jax.sharding import spec_for_shape
-
-        mesh = self.mesh
-        windows = sampler_loop.decode_windows(prompt_bucket, max_new_tokens, 4)
-        method = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-        mode = method.mode
-        dtype = self.model_config.jnp_dtype
-        # the sampler's view of the trainer's params: nnx.split(nnx.merge(graphdef, params)), as in generate
-        model_state = nnx.split(nnx.merge(self.graphdef, self.state["params"]))[1]
-
-        def rows(shape, d):
-            names = ("batch",) + (None,) * (len(shape) - 1)
-            return jax.ShapeDtypeStruct(shape, d, sharding=NamedSharding(mesh, spec_for_shape(names, shape, mesh)))
-
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        pre = (rows((prompts, prompt_bucket), jnp.int32), rows((prompts, prompt_bucket), jnp.int32),
-               rows((prompts, prompt_bucket), jnp.bool_))
-        b = prompts * samples
-
-        def lowering(fn, *args, **kw):
-            def lower():
-                with jax.set_mesh(mesh):
-                    return fn.lower(*args, **kw)
-            return lower
-
-        lw, cp = self._compile(f"{label}_prefill", lowering(
-            sampler_loop.prefill, self.graphdef, model_state, *pre, cache_len=windows[0][1], num_samples=samples,
-            cache_dtype=dtype), self.opt_bytes)
-        if lw is None:
-            return
-        logits, cache = _next_inputs(lw, cp)
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype, sharding=rep),
-                              method.params())
-        stop_ids = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=rep)
-        key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
-        pad = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-        lw, cp = self._compile(f"{label}_start", lowering(
-            sampler_loop.start, cache, logits, stop_ids, params, key, pad, mode=mode, max_new_tokens=max_new_tokens),
-            self.opt_bytes)
-        if lw is None:
-            return
-        s = _next_inputs(lw, cp)
-        lw, cp = self._compile(f"{label}_split_layers", lowering(sampler_loop.split_layers, self.graphdef,
-                                                                 model_state), self.opt_bytes)
-        if lw is None:
-            return
-        layer_params = _next_inputs(lw, cp)
-        # split_layers' copy of the block weights stays alive through every decode phase
-        resident = self.opt_bytes + _bytes_per_chip(layer_params)
-        valid_bl, positions_b = rows((b, prompt_bucket), jnp.bool_), rows((b,), jnp.int32)
-        for end_step, window in windows:
-            if window > s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]]:
-                lw, cp = self._compile(f"{label}_grow_{window}", lowering(sampler_loop.grow, s, window=window),
-                                       resident)
-                if lw is None:
-                    return
-                s = _next_inputs(lw, cp)
-            lw, cp = self._compile(f"{label}_decode_{window}", lowering(
-                sampler_loop.decode, self.graphdef, model_state, layer_params, s, valid_bl, positions_b, stop_ids,
-                params, pad, mode=mode, end_step=end_step, window=window), resident)
-            if lw is None:
+        params_bytes = _bytes_per_chip(self.state["params"])
+        weights_bytes = 0
+        state_bytes = 0  # the sampler state (cache and token buffers) the previous phase left
+        grown_k = 0  # bytes the k buffers gained in this window's growth
+        phases = sampler_plan.compile_rollout(
+            self.model_config, self.mesh, prompts=prompts, num_samples=samples, prompt_bucket=prompt_bucket,
+            max_new_tokens=max_new_tokens, sampling=sampling)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                name, compiled = next(phases)
+            except StopIteration:
                 return
-            s = _next_inputs(lw, cp)
+            except Exception as e:  # the TPU compiler refuses programs that exceed HBM
+                if not _out_of_memory(e):
+                    raise
+                self.phases.append(Phase(f"{label}_failed_after_{self.phases[-1].name}", 0, 0, 0, 0, 0,
+                                         self.opt_bytes, time.perf_counter() - t0, error=_first_line(e)))
+                return
+            dt = time.perf_counter() - t0
+            out_bytes = _bytes_per_chip(compiled.out_info)
+            if name == "prefill":
+                resident = self.opt_bytes
+            elif name == "decode_weights":
+                resident = self.opt_bytes + state_bytes
+            elif name == "start":
+                resident = self.opt_bytes + params_bytes + weights_bytes
+            elif name.startswith("grow_"):
+                layers = self.model_config.num_layers
+                m = compiled.memory_analysis()  # one layer's buffer in, the grown buffer out
+                old, out_bytes = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+                if name.startswith("grow_k"):
+                    grown_k = layers * (out_bytes - old)
+                    others = state_bytes - old + (layers - 1) * (out_bytes - old)
+                else:
+                    others = state_bytes + grown_k - old + (layers - 1) * (out_bytes - old)
+                resident = self.opt_bytes + params_bytes + weights_bytes + others
+            else:  # decode: params, weights and the sampler state are its arguments
+                resident = self.opt_bytes
+            self._record(f"{label}_{name.replace('@', '_')}", compiled, resident, dt)
+            if name == "prefill":
+                state_bytes = out_bytes
+            elif name == "decode_weights":
+                weights_bytes = out_bytes
+            elif name == "start" or name.startswith("decode@"):
+                state_bytes, grown_k = out_bytes, 0
 
     def run_all(self):
         from lad_jax.experience import prompt_bucket
@@ -326,14 +307,17 @@ class Planner:
         self.train_step()
         if c.rollout.old_logprobs == "recompute":
             self.recompute()
+        from lad_jax.sampling import Sampling
+
         r = c.rollout
         self.generate("rollout", r.prompts_per_step, r.num_samples, prompt_bucket(c), r.max_new_tokens,
-                      r.temperature, r.top_k, r.top_p)
+                      Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
         if c.eval.enabled:
             from lad_jax.sampler import bucket_length
             # the trainer's eval: min(#eval rows, 64) prompts per generate call, prompts bucketed to >= 16 slots
             self.generate("eval", min(c.eval.max_prompts, 64), c.eval.num_samples,
-                          bucket_length(c.data.max_prompt_tokens, 16), r.max_new_tokens, c.eval.temperature, 0, 1.0)
+                          bucket_length(c.data.max_prompt_tokens, 16), r.max_new_tokens,
+                          Sampling(temperature=c.eval.temperature))
         return self.phases
 
 

@@ -9,12 +9,16 @@ Flow of `generate(model, prompts, num_samples=G, ...)` for P prompts, B = P * G 
    Row `p * G + g` is sample g of prompt p. The cache is handed to decode in the per-layer form (`unstack_cache`),
    so each decode step neither slices stacked weights nor copies cache layers.
 3. `start` draws the first token from the prefill logits; `decode` (jitted, state donated so the `lax.while_loop`
-   updates the cache in place) then runs one model step per token (`Transformer.hidden_unrolled` over
-   `layer_params()`, split once per call) until every row has emitted a stop token or the budget is spent.
+   updates the cache in place) then runs one model step per token (`Transformer.hidden_unrolled`) until every row
+   has emitted a stop token or the budget is spent. Its weights come from `decode_weights`, made once per call:
+   per-layer dicts (`layer_params()`) and the embedding / head, converted to the compute dtype (exact: the layer
+   math converts every weight before use) and replicated over the data and fsdp axes (`DECODE_WEIGHT_RULES`), so
+   the loop neither converts fp32 master weights nor all-gathers FSDP shards on every step.
    The decode runs in a few phases over growing cache windows (`decode_windows`): attention in phase j reads the
-   `Lp + end_j` slots that can be filled by its last step instead of all `Lp + max_new_tokens`. The phases are
-   dispatched back to back (a batch that has stopped runs no more steps in later phases), so nothing returns to the
-   host until the end.
+   `Lp + end_j` slots that can be filled by its last step instead of all `Lp + max_new_tokens`. Between phases
+   `grow` zero-extends the cache layer by layer, freeing each old buffer as it goes, so only one layer's old and new
+   buffers coexist. The phases are dispatched back to back (a batch that has stopped runs no more steps in later
+   phases), so nothing returns to the host until the end.
 
 RNG: each call derives one key (from `seed`, or fresh OS entropy when `seed` is None); row r's stream is
 `uniform(fold_in(key, r), [max_new_tokens])`, drawn before the loop (inverse-CDF sampling needs one U[0, 1) per row
@@ -252,11 +256,11 @@ def generate(
         valid_bl, positions_b = put(rep(valid_pl)), put(rep(lengths_p))
         s = sampler_loop.start(cache, logits_bv, stop_ids, params, key, pad, mode=mode,
                                max_new_tokens=max_new_tokens)
-        layer_params = sampler_loop.split_layers(graphdef, state)
+        weights = sampler_loop.decode_weights(graphdef, state)
         for end_step, window in windows:  # dispatched back to back: no host sync between phases
             if window > s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]]:
                 s = sampler_loop.grow(s, window=window)
-            s = sampler_loop.decode(graphdef, state, layer_params, s, valid_bl, positions_b, stop_ids, params, pad,
+            s = sampler_loop.decode(graphdef, state, weights, s, valid_bl, positions_b, stop_ids, params, pad,
                                     mode=mode, end_step=end_step, window=window)
         tokens_bt, logprobs_bt, lengths_b, stopped_b = s.tokens_bt, s.logprobs_bt, s.lengths_b, s.done_b
         if multi:  # every process gets the whole result

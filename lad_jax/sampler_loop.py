@@ -2,7 +2,8 @@
 
 `prefill` runs the prompts once into a KV cache (per-layer decode layout, repeated G times); `start` draws token 0 from
 the prefill logits; `decode` runs one phase of the loop over a cache window (`decode_windows`), `grow` zero-extends
-the cache between phases; `split_layers` slices the per-layer weights once per call. See `lad_jax/sampler.py` for the
+the cache between phases, layer by layer; `decode_weights` makes the decode's per-layer weights in the compute dtype,
+replicated over data and fsdp, once per call. See `lad_jax/sampler.py` for the
 flow, the RNG scheme and the compile-cache keys. `TRACES` counts traces (= compilations) per function.
 """
 from __future__ import annotations
@@ -13,10 +14,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from lad_jax.models.attention import causal_mask
 from lad_jax.models.cache import (CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS,
                                   init_cache, unstack_cache)
+from lad_jax.models.transformer import block_param_specs, top_param_specs
 from lad_jax.sampling import SamplingMode, SamplingParams, sample_tokens_from_uniform
-from lad_jax.sharding import constrain
+from lad_jax.sharding import DECODE_WEIGHT_RULES, constrain
 
 TRACES: collections.Counter = collections.Counter()
 
@@ -41,11 +44,9 @@ def _prefill_impl(graphdef, state, tokens_pl, positions_pl, valid_pl, *, cache_l
     p, lp = tokens_pl.shape
     cache = init_cache(model.config, p, cache_len, cache_dtype)
     cache = {k: constrain(v, CACHE_LOGICAL_AXES[k]) for k, v in cache.items()}
-    slots = jnp.arange(cache_len)
-    causal_ts = slots[None, :] <= jnp.arange(lp)[:, None]
     valid_ps = jnp.pad(valid_pl, ((0, 0), (0, cache_len - lp)))
-    mask_pts = causal_ts[None] & valid_ps[:, None, :]
-    hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask_bts=mask_pts)
+    mask = causal_mask(p, lp, cache_len, 0, valid_ps)
+    hidden_ptd, cache = model.hidden(tokens_pl, positions_pl, cache=cache, mask=mask)
     # left padding puts every prompt's last token at the last position
     logits_pv = model.logits(hidden_ptd[:, -1:])[:, 0]
     cache = unstack_cache(cache)
@@ -76,12 +77,26 @@ def decode_windows(prompt_bucket: int, max_new_tokens: int, phases: int) -> tupl
     return tuple((e, prompt_bucket + e) for e in ends)
 
 
-def _split_layers_impl(graphdef, state):
-    return nnx.merge(graphdef, state).layer_params()
+def _decode_weights_impl(graphdef, state):
+    """(top, layers): the decode's weights in the compute dtype, placed by `DECODE_WEIGHT_RULES`.
+
+    `layers[l]` is layer l's weight dict (`Transformer.layer_params`), `top` the embedding, final norm and head.
+    Made once per generate call, so the loop body neither converts fp32 master weights nor all-gathers FSDP shards
+    every step (it would otherwise: the weights are loop-invariant, but XLA keeps the gather inside the while body).
+    The layer math converts every weight to the compute dtype before use, so converting first is exact.
+    """
+    TRACES["decode_weights"] += 1
+    model = nnx.merge(graphdef, state)
+    c = model.config
+    names = {name: axes[1:] for name, (_, axes, _) in block_param_specs(c).items()}  # without the layers axis
+    layers = tuple({name: constrain(w.astype(c.jnp_dtype), names[name], DECODE_WEIGHT_RULES) for name, w in p.items()}
+                   for p in model.layer_params())
+    top = {name: constrain(getattr(model, name)[...].astype(c.jnp_dtype), axes, DECODE_WEIGHT_RULES)
+           for name, (_, axes, _) in top_param_specs(c).items()}
+    return top, layers
 
 
-# per-layer weights for the decode phases, sliced once per generate call (one copy of the block weights)
-split_layers = jax.jit(_split_layers_impl, static_argnames=("graphdef",))
+decode_weights = jax.jit(_decode_weights_impl, static_argnames=("graphdef",))
 
 
 def _emit(s: SamplerState, logits_bv, stop_ids, params: SamplingParams, pad_id, mode: SamplingMode) -> SamplerState:
@@ -126,11 +141,18 @@ def _start_impl(cache, logits_bv, stop_ids, params: SamplingParams, key, pad_id,
 start = jax.jit(_start_impl, static_argnames=("mode", "max_new_tokens"), donate_argnames=("cache",))
 
 
-def _decode_impl(graphdef, state, layer_params, s: SamplerState, valid_bl, positions_b, stop_ids,
+def _decode_impl(graphdef, state, weights, s: SamplerState, valid_bl, positions_b, stop_ids,
                  params: SamplingParams, pad_id, *, mode: SamplingMode, end_step: int, window: int):
-    """One decode phase: steps until `end_step` (or until every row has stopped) over a cache of `window` slots."""
+    """One decode phase: steps until `end_step` (or until every row has stopped) over a cache of `window` slots.
+
+    `weights`: `decode_weights(graphdef, state)`; `state` only completes the module (its weights go unused, so jit
+    prunes them from the executable's arguments).
+    """
     TRACES["decode"] += 1
     model = nnx.merge(graphdef, state)
+    top, layer_params = weights
+    for name, w in top.items():  # set_value replaces the array (`[...] =` would cast back to the param dtype)
+        getattr(model, name).set_value(w)
     lp = valid_bl.shape[1]
     valid_bs = jnp.pad(valid_bl, ((0, 0), (0, window - lp)))
     slots = jnp.arange(window)
@@ -154,16 +176,30 @@ decode = jax.jit(
 )
 
 
-def _grow_impl(s: SamplerState, *, window: int) -> SamplerState:
-    """Zero-extend the cache to `window` slots for the next phase (the new slots are still empty)."""
-    def grown(name):
-        axis = LAYER_CACHE_SEQUENCE_AXIS[name]
-        widths = [(0, 0)] * 4
-        widths[axis] = (0, window - s.cache[name][0].shape[axis])
-        return tuple(constrain(jnp.pad(a, widths), LAYER_CACHE_LOGICAL_AXES[name]) for a in s.cache[name])
-
-    return s.replace(cache=dict(s.cache, k=grown("k"), v=grown("v")))
+def _grow_layer_impl(a, *, name: str, window: int):
+    """One layer's cache buffer zero-extended to `window` slots (the new slots are still empty)."""
+    TRACES["grow"] += 1
+    axis = LAYER_CACHE_SEQUENCE_AXIS[name]
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, window - a.shape[axis])
+    return constrain(jnp.pad(a, widths), LAYER_CACHE_LOGICAL_AXES[name])
 
 
-# not donated: the grown cache cannot reuse the smaller buffers
-grow = jax.jit(_grow_impl, static_argnames=("window",))
+grow_layer = jax.jit(_grow_layer_impl, static_argnames=("name", "window"))
+
+
+def grow(s: SamplerState, *, window: int) -> SamplerState:
+    """The state with its cache zero-extended to `window` slots for the next phase; consumes `s` (like `decode`).
+
+    Layer by layer, deleting each old buffer once its padded copy is dispatched (the runtime frees it when that copy
+    has read it): only one layer's old and new buffers coexist, not the whole old and new cache (donation cannot
+    help here, a larger output cannot reuse a smaller input buffer).
+    """
+    cache = dict(s.cache)
+    for name in ("k", "v"):
+        grown = []
+        for a in cache[name]:
+            grown.append(grow_layer(a, name=name, window=window))
+            a.delete()
+        cache[name] = tuple(grown)
+    return s.replace(cache=cache)

@@ -36,6 +36,20 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
+def _without(rules: dict, dropped: tuple[str, ...]) -> dict:
+    """`rules` with the mesh axes in `dropped` removed from every target."""
+    def drop(target):
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        kept = tuple(a for a in axes if a not in dropped)
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+    return {name: drop(target) for name, target in rules.items()}
+
+
+# The sampler's decode weights (`sampler_loop.decode_weights`): RULES without the data and fsdp axes, so every chip
+# holds its tensor shard of each weight whole and a decode step gathers no parameters.
+DECODE_WEIGHT_RULES = _without(RULES, ("data", "fsdp"))
+
+
 def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, devices: Sequence | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh with Auto axis types; at most one size may be -1 (= fill the rest).
 

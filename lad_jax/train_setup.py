@@ -81,7 +81,8 @@ def build_model(c: Config, tokenizer, mesh):
 
     m = c.model
     if c.init_from is not None:
-        model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat)
+        model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
+                                attention=m.attention)
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but init_from's vocab_size is "
                               f"{model.config.vocab_size}; use the checkpoint's own tokenizer (model.tokenizer)")
@@ -101,7 +102,7 @@ def scratch_model_config(c: Config, vocab_size: int, eos_id: int, pad_id: int | 
                        max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
                        qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
                        eos_token_ids=(eos_id,), pad_token_id=pad_id,
-                       param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+                       param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
 
 
 def train_objects(c: Config, model, mesh):
@@ -117,7 +118,7 @@ def train_objects(c: Config, model, mesh):
 
 def build(c: Config) -> Setup:
     distributed.initialize(c.mesh)
-    shape = check_devices(c, jax.device_count())
+    shape = check_devices(c, jax.device_count(), jax.default_backend())
     mesh = make_mesh(*shape)
     try:
         run_files.makedirs(c.run_dir)

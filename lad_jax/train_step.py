@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lad_jax import losses
 from lad_jax.config import Config
 from lad_jax.models import token_logprobs
+from lad_jax.models.attention import causal_mask
 from lad_jax.sharding import state_shardings
 
 BATCH_KEYS = ("tokens_bt", "positions_bt", "valid_bt", "response_bt", "old_logp_bt", "advantages_b")
@@ -91,12 +92,10 @@ def sequence_logprobs(graphdef, params, tokens_bt, positions_bt, valid_bt, *, te
                       chunk_size: int = 256):
     """(log pi(token t | tokens < t), entropy of that distribution), float32 [b, t]; column 0 is 0."""
     model = nnx.merge(graphdef, params)
-    t = tokens_bt.shape[1]
-    causal = jnp.tril(jnp.ones((t - 1, t - 1), bool))
-    valid = valid_bt[:, :-1]
+    b, t = tokens_bt.shape
     # Padding keys are masked; a padding query still sees itself so no softmax row is empty.
-    mask_bts = causal[None] & (valid[:, None, :] | jnp.eye(t - 1, dtype=bool)[None])
-    logp, ent = token_logprobs(model, tokens_bt[:, :-1], positions_bt[:, :-1], mask_bts, tokens_bt[:, 1:],
+    mask = causal_mask(b, t - 1, t - 1, 0, valid_bt[:, :-1], self_visible=True)
+    logp, ent = token_logprobs(model, tokens_bt[:, :-1], positions_bt[:, :-1], mask, tokens_bt[:, 1:],
                                temperature=temperature, chunk_size=chunk_size, return_entropy=True)
     pad = ((0, 0), (1, 0))
     return jnp.pad(logp, pad), jnp.pad(ent, pad)

@@ -10,6 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from lad_jax.config_checks import ATTENTION_IMPLS  # one source of names
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -56,6 +58,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -70,6 +73,8 @@ class ModelConfig:
             raise ValueError(f"rope_type={self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r} is not supported; use one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} is not supported; use one of {ATTENTION_IMPLS}")
         object.__setattr__(self, "param_dtype", _dtype_name(self.param_dtype, "param_dtype"))
         object.__setattr__(self, "dtype", _dtype_name(self.dtype, "dtype"))
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
@@ -86,7 +91,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_hf_config(cls, hf: dict, *, param_dtype="float32", dtype="float32", remat="none") -> "ModelConfig":
+    def from_hf_config(cls, hf: dict, *, param_dtype="float32", dtype="float32", remat="none",
+                       attention="auto") -> "ModelConfig":
         """Build from an HF `config.json` dict; raises ValueError for anything this decoder cannot run."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -157,6 +163,7 @@ class ModelConfig:
             param_dtype=param_dtype,
             dtype=dtype,
             remat=remat,
+            attention=attention,
         )
 
     def to_hf_config(self) -> dict:

@@ -116,7 +116,7 @@ def load_config(path_or_repo_id: str, **kwargs) -> ModelConfig:
 
 
 def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float32", mesh=None,
-                    remat: str = "none", rules: dict | None = None) -> Transformer:
+                    remat: str = "none", attention: str = "auto", rules: dict | None = None) -> Transformer:
     """Load an HF Qwen2/Qwen3/Llama checkpoint (local dir or hub repo id) into a `Transformer`.
 
     With `mesh`, every parameter is built with `jax.make_array_from_callback` from its NamedSharding (per the
@@ -124,7 +124,8 @@ def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float
     """
     directory = _resolve(path_or_repo_id)
     with open(os.path.join(directory, "config.json")) as f:
-        config = ModelConfig.from_hf_config(json.load(f), param_dtype=param_dtype, dtype=dtype, remat=remat)
+        config = ModelConfig.from_hf_config(json.load(f), param_dtype=param_dtype, dtype=dtype, remat=remat,
+                                            attention=attention)
     files = SafetensorsDir(directory)
     mappings = param_mappings(config)
     stacked_names = set(block_param_specs(config))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lad_jax.models.attention import SlotMask
 from lad_jax.models.transformer import project
 
 
@@ -46,15 +47,19 @@ def chunked_head_logprobs(hidden_btd, w, tied: bool, dtype, targets_bt, *, tempe
     return logp, ent_nbc.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def token_logprobs(model, tokens_bt, positions_bt, mask_bts, targets_bt, *, temperature: float = 1.0,
+def token_logprobs(model, tokens_bt, positions_bt, mask, targets_bt, *, temperature: float = 1.0,
                    chunk_size: int = 256, return_entropy: bool = False):
     """float32 `[b, t]` log_softmax(logits / temperature)[targets] for `model` (differentiable).
 
+    `mask`: a `SlotMask` (the kernel follows `model.config.attention`) or a bool `[b, t, t]` (dense attention).
     With `return_entropy=True` returns `(logp_bt, entropy_bt)`; entropy is of the same tempered distribution.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
-    hidden_btd, _ = model.hidden(tokens_bt, positions_bt, mask_bts=mask_bts)
+    if isinstance(mask, SlotMask):
+        hidden_btd, _ = model.hidden(tokens_bt, positions_bt, mask=mask)
+    else:
+        hidden_btd, _ = model.hidden(tokens_bt, positions_bt, mask_bts=mask)
     w, tied = model.head_weight()
     return chunked_head_logprobs(hidden_btd, w, tied, model.config.jnp_dtype, targets_bt,
                                  temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)

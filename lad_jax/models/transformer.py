@@ -12,12 +12,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lad_jax.models.attention import SlotMask, causal_mask, dense_attention, make_attend
 from lad_jax.models.cache import LAYER_CACHE_LAYOUT
 from lad_jax.models.config import ModelConfig, rope_inv_freq
 from lad_jax.sharding import constrain
-
-_NEG = float(jnp.finfo(jnp.float32).min)
-
 
 def _param(rngs: nnx.Rngs | None, init, shape, dtype, names) -> nnx.Param:
     value = init(rngs.params() if rngs is not None else None, shape, dtype)
@@ -101,32 +99,6 @@ def apply_rope(x_bthx, cos_btx, sin_btx):
     return out.astype(x_bthx.dtype)
 
 
-def attention(q_bthx, k_all, v_all, mask_bts, kv_layout=("bskx", "bskx")):
-    """Grouped-query attention without repeating K/V; scores and softmax in float32.
-
-    `kv_layout`: the (keys, values) axis orders: "bskx" for both (the stacked cache's layer slice, or no cache) or
-    the per-layer decode cache's `LAYER_CACHE_LAYOUT` (batch and kv-head leading, so the t=1 score and value
-    products read the cache where it lies, without a transposed copy).
-    """
-    k_layout, v_layout = kv_layout
-    b, t, h, x = q_bthx.shape
-    kh = k_all.shape[k_layout.index("k")]
-    q = q_bthx.reshape(b, t, kh, h // kh, x)
-    if k_layout == "bkxs":
-        # as one [g*t, x] @ [x, s] product per (b, k): XLA:CPU lowers the 5-d form with t to a much slower dot
-        q_bkmx = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, (h // kh) * t, x)
-        scores = jnp.einsum("bkmx,bkxs->bkms", q_bkmx, k_all, preferred_element_type=jnp.float32)
-        scores = scores.reshape(b, kh, h // kh, t, -1)
-    else:
-        scores = jnp.einsum(f"btkgx,{k_layout}->bkgts", q, k_all, preferred_element_type=jnp.float32)
-    scores = scores * (x ** -0.5)
-    scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    # the product keeps (b, k) leading as in its operands; XLA:CPU lowers a "->btkgx" output to a slower dot
-    out = jnp.einsum(f"bkgts,{v_layout}->bkgtx", probs, v_all)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, x)
-
-
 def project(hidden_btd, w, tied: bool, dtype):
     """Output projection with float32 accumulation and result."""
     h = hidden_btd.astype(dtype)
@@ -135,11 +107,12 @@ def project(hidden_btd, w, tied: bool, dtype):
     return constrain(out, ("batch", "sequence", "act_vocab"))
 
 
-def decoder_layer(c: ModelConfig, x, p, cos, sin, mask_bts, write_kv, kv_layout=("bskx", "bskx")):
+def decoder_layer(c: ModelConfig, x, p, cos, sin, attend, write_kv):
     """One pre-norm decoder block on `x` `[b, t, d]` with one layer's weights `p`.
 
-    `write_kv(k_btkx, v_btkx) -> (k_all_bskx, v_all_bskx, new_kv)` stores the new keys/values in a cache and returns
-    what attention reads (in `kv_layout`, see `attention`); None attends over the current tokens only.
+    `write_kv(k_btkx, v_btkx) -> (k_all, v_all, new_kv)` stores the new keys/values in a cache and returns what
+    attention reads; None attends over the current tokens only. `attend(q_bthx, k_all, v_all) -> o_bthx` is the
+    attention kernel with its mask bound (`attention.make_attend`, or dense over the decode cache's layout).
     Returns (x, new_kv).
     """
     dt = c.jnp_dtype
@@ -155,7 +128,7 @@ def decoder_layer(c: ModelConfig, x, p, cos, sin, mask_bts, write_kv, kv_layout=
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = constrain(q, ("batch", "sequence", "act_heads", "head_dim"))
     k_all, v_all, new_kv = (k, v, None) if write_kv is None else write_kv(k, v)
-    o = attention(q, k_all, v_all, mask_bts, kv_layout)
+    o = attend(q, k_all, v_all)
     o = jnp.einsum("bthx,hxd->btd", o, p["wo"].astype(dt))
     if c.o_bias:
         o = o + p["bo"].astype(dt)
@@ -181,8 +154,8 @@ class Transformer(nnx.Module):
             setattr(self, name, _param(rngs, init, shape, config.jnp_param_dtype, names))
         self.blocks = Blocks(config, rngs=rngs)
 
-    def __call__(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None):
-        hidden_btd, new_cache = self.hidden(tokens_bt, positions_bt, cache=cache, mask_bts=mask_bts)
+    def __call__(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None, mask=None):
+        hidden_btd, new_cache = self.hidden(tokens_bt, positions_bt, cache=cache, mask_bts=mask_bts, mask=mask)
         return self.logits(hidden_btd), new_cache
 
     def head_weight(self):
@@ -202,18 +175,21 @@ class Transformer(nnx.Module):
         x = constrain(x, ("batch", "sequence", "act_embed"))
         return x, rope_tables(self.config, positions_bt)
 
-    def hidden(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None):
-        """Embed and run all layers; returns (final-normed hidden `[b, t, d]` in compute dtype, new cache)."""
+    def hidden(self, tokens_bt, positions_bt, *, cache=None, mask_bts=None, mask: SlotMask | None = None):
+        """Embed and run all layers; returns (final-normed hidden `[b, t, d]` in compute dtype, new cache).
+
+        The mask is a `SlotMask` (`mask`; resolved to a kernel by `config.attention`) or an explicit bool
+        `[b, t, s]` (`mask_bts`; always dense attention). Neither: causal over the cache's filled slots.
+        """
         c = self.config
         dt = c.jnp_dtype
         b, t = tokens_bt.shape
-        if mask_bts is None:
-            if cache is None:
-                mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-            else:
-                s = cache["k"].shape[2]
-                q_slot = cache["index"] + jnp.arange(t)
-                mask_bts = jnp.broadcast_to(jnp.arange(s)[None, :] <= q_slot[:, None], (b, t, s))
+        if mask_bts is not None and mask is not None:
+            raise ValueError("Transformer.hidden: pass mask (SlotMask) or mask_bts, not both")
+        if mask_bts is None and mask is None:
+            mask = (causal_mask(b, t, t) if cache is None
+                    else causal_mask(b, t, cache["k"].shape[2], cache["index"]))
+        attend = make_attend(c.attention, mask if mask_bts is None else mask_bts)
         x, (cos, sin) = self._inputs(tokens_bt, positions_bt)
         params = {name: getattr(self.blocks, name)[...] for name in block_param_specs(c)}
 
@@ -229,7 +205,7 @@ class Transformer(nnx.Module):
                     k_all = jax.lax.dynamic_index_in_dim(k_cache, l, 0, keepdims=False).astype(dt)
                     v_all = jax.lax.dynamic_index_in_dim(v_cache, l, 0, keepdims=False).astype(dt)
                     return k_all, v_all, (k_cache, v_cache)
-            return decoder_layer(c, x, p, cos, sin, mask_bts, write)
+            return decoder_layer(c, x, p, cos, sin, attend, write)
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[c.remat], prevent_cse=False)
@@ -271,6 +247,9 @@ class Transformer(nnx.Module):
         dt = c.jnp_dtype
         x, (cos, sin) = self._inputs(tokens_bt, positions_bt)
         index = cache["index"]
+        # t = 1 per step: dense attention over the cache is already O(s)
+        layout = (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"])
+        attend = lambda q, k_all, v_all: dense_attention(q, k_all, v_all, mask_bts, layout)  # noqa: E731
         new_k, new_v = [], []
         for p, k_cache, v_cache in zip(layer_params, cache["k"], cache["v"]):
             def write(k_btkx, v_btkx, k_cache=k_cache, v_cache=v_cache):
@@ -280,8 +259,7 @@ class Transformer(nnx.Module):
                     v_cache, v_btkx.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
                 return k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
 
-            x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, mask_bts, write,
-                                                  (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"]))
+            x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, attend, write)
             new_k.append(k_cache)
             new_v.append(v_cache)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)

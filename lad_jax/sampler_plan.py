@@ -1,0 +1,87 @@
+"""The sampler's jitted phases compiled from abstract arrays, for memory plans and HLO checks (no weights needed).
+
+`compile_rollout(model_config, mesh, ...)` lowers and compiles, in the order `sampler.generate` runs them, `prefill`,
+`decode_weights`, `start`, then per decode window the cache growth (`grow_layer`, one layer's k and v buffers; the
+growth runs it once per layer and buffer) and `decode`. Arguments are `jax.ShapeDtypeStruct`s on `mesh` (which may
+hold compile-only TPU devices from `jax.experimental.topologies`): the model state from `nnx.eval_shape` placed by
+`lad_jax.sharding.RULES` as the trainer places it, prompt arrays sharded over rows as `generate` puts them, and every
+later phase's inputs are the previous compiled phase's outputs (`Compiled.out_info`: shapes, dtypes and the
+shardings the compiler chose), so each executable is the one `generate` would run.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lad_jax import sampler_loop
+from lad_jax.models import ModelConfig, Transformer
+from lad_jax.sampling import Sampling
+from lad_jax.sharding import spec_for_shape, state_shardings
+
+
+def _abstract(x, sharding):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _outputs(compiled):
+    """A compiled phase's outputs as abstract arrays (shape, dtype, sharding) for the next phase."""
+    return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), compiled.out_info)
+
+
+def compile_rollout(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_samples: int, prompt_bucket: int,
+                    max_new_tokens: int, decode_phases: int = 4, sampling: Sampling = Sampling(),
+                    num_stop_ids: int = 1, cache_dtype=None) -> Iterator[tuple[str, jax.stages.Compiled]]:
+    """Yields (phase name, compiled executable) for one `generate` call of `prompts` x `num_samples` rows.
+
+    Names: "prefill", "decode_weights", "start", then for each decode window w (`decode_windows`) "grow_k@w" and
+    "grow_v@w" (one layer's buffer; not for the first window) and "decode@w".
+    """
+    windows = sampler_loop.decode_windows(prompt_bucket, max_new_tokens, decode_phases)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(_abstract, state, state_shardings(state, mesh))
+    replicated = NamedSharding(mesh, P())
+
+    def rows(shape, dtype):
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec_for_shape(names, shape, mesh)))
+
+    def small(tree):  # abstract shapes (from eval_shape: no arrays are made on the mesh's devices), replicated
+        return jax.tree.map(lambda x: _abstract(x, replicated), tree)
+
+    dtype = model_config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+    b = prompts * num_samples
+    with jax.set_mesh(mesh):
+        prefill = sampler_loop.prefill.lower(
+            graphdef, state, rows((prompts, prompt_bucket), jnp.int32), rows((prompts, prompt_bucket), jnp.int32),
+            rows((prompts, prompt_bucket), jnp.bool_), cache_len=windows[0][1], num_samples=num_samples,
+            cache_dtype=dtype).compile()
+        yield "prefill", prefill
+        logits_bv, cache = _outputs(prefill)
+        weights_c = sampler_loop.decode_weights.lower(graphdef, state).compile()
+        yield "decode_weights", weights_c
+        weights = _outputs(weights_c)
+        stop_ids = small(jax.ShapeDtypeStruct((num_stop_ids,), jnp.int32))
+        params = small(jax.eval_shape(sampling.params))
+        key = small(jax.eval_shape(lambda: jax.random.key(0)))
+        pad = small(jax.ShapeDtypeStruct((), jnp.int32))
+        start = sampler_loop.start.lower(cache, logits_bv, stop_ids, params, key, pad, mode=sampling.mode,
+                                         max_new_tokens=max_new_tokens).compile()
+        yield "start", start
+        s = _outputs(start)
+        valid_bl, positions_b = rows((b, prompt_bucket), jnp.bool_), rows((b,), jnp.int32)
+        for end_step, window in windows:
+            if window > windows[0][1]:
+                grown = {}
+                for name in ("k", "v"):
+                    layer = sampler_loop.grow_layer.lower(s.cache[name][0], name=name, window=window).compile()
+                    yield f"grow_{name}@{window}", layer
+                    grown[name] = (_outputs(layer),) * model_config.num_layers
+                s = s.replace(cache=dict(s.cache, **grown))
+            decode = sampler_loop.decode.lower(graphdef, state, weights, s, valid_bl, positions_b, stop_ids, params,
+                                               pad, mode=sampling.mode, end_step=end_step, window=window).compile()
+            yield f"decode@{window}", decode
+            s = _outputs(decode)
