@@ -45,8 +45,6 @@ def topology_table() -> dict[str, tuple[str, str, tuple[int, int, int]]]:
     for chips, shape in _LITE_SHAPES.items():
         bounds = (1, 1, 1) if chips == 1 else (2, 4, 1) if chips == 8 else (2, 2, 1)
         for family, gen in (("v5e", "v5e"), ("v5litepod", "v5e"), ("v6e", "v6e")):
-            if family == "v6e" and chips == 64:
-                continue
             table[f"{family}-{chips}"] = (f"{gen}:{shape}", "default", bounds)
     return table
 
@@ -57,6 +55,9 @@ TOPOLOGIES = topology_table()
 # 30.75 GiB on v4 and 15.75 GiB on v5e: 0.25 GiB is reserved; the same reserve is assumed on v5p / v6e).
 HBM_GIB = {"TPU v4": 32.0, "TPU v5": 95.0, "TPU v5p": 95.0, "TPU v5 lite": 16.0, "TPU v6 lite": 32.0}
 COMPILER_RESERVE_GIB = 0.25
+
+
+GROUPS = ("train_step", "recompute", "rollout", "eval")  # --phases: which of the run's phase groups to compile
 
 
 class PlanError(Exception):
@@ -300,19 +301,21 @@ class Planner:
             elif name == "start" or name.startswith("decode@"):
                 state_bytes, grown_k = out_bytes, 0
 
-    def run_all(self):
+    def run_all(self, groups=GROUPS):
         from lad_jax.experience import prompt_bucket
 
         c = self.c
-        self.train_step()
-        if c.rollout.old_logprobs == "recompute":
+        if "train_step" in groups:
+            self.train_step()
+        if c.rollout.old_logprobs == "recompute" and "recompute" in groups:
             self.recompute()
         from lad_jax.sampling import Sampling
 
         r = c.rollout
-        self.generate("rollout", r.prompts_per_step, r.num_samples, prompt_bucket(c), r.max_new_tokens,
-                      Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
-        if c.eval.enabled:
+        if "rollout" in groups:
+            self.generate("rollout", r.prompts_per_step, r.num_samples, prompt_bucket(c), r.max_new_tokens,
+                          Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
+        if c.eval.enabled and "eval" in groups:
             from lad_jax.sampler import bucket_length
             # the trainer's eval: min(#eval rows, 64) prompts per generate call, prompts bucketed to >= 16 slots
             self.generate("eval", min(c.eval.max_prompts, 64), c.eval.num_samples,
@@ -322,7 +325,7 @@ class Planner:
 
 
 # ---- command line ------------------------------------------------------------------------------------------------
-def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None) -> dict[str, Any]:
+def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, groups=GROUPS) -> dict[str, Any]:
     """Compile every phase of config `c` for `devices`; returns the report dict (`--json` prints it)."""
     from lad_jax.config import check_devices
     from lad_jax.sharding import make_mesh
@@ -330,7 +333,7 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None) -> d
     shape = check_devices(c, len(devices))
     mesh = make_mesh(*shape, devices=devices)
     planner = Planner(c, mesh, log)
-    phases = planner.run_all()
+    phases = planner.run_all(groups)
     limit = usable_hbm_bytes(devices, hbm_gib)
     rows = []
     for p in phases:
@@ -390,6 +393,8 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--devices", type=int, help="compile for N fake CPU devices")
     p.add_argument("--hbm-gib", type=float, default=None,
                    help="usable memory per chip to check against (default: the TPU chip's HBM; none on CPU)")
+    p.add_argument("--phases", default=",".join(GROUPS),
+                   help=f"comma-separated phase groups to compile (default: all of {','.join(GROUPS)})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return p
@@ -404,9 +409,16 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
+    else:
+        # Compile-only: no TPU is opened, so another libtpu process (a second plan, a test) need not block this one.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
 
     from lad_jax.config import ConfigError, load_config
+    groups = tuple(g for g in args.phases.split(",") if g)
+    if not groups or set(groups) - set(GROUPS):
+        print(f"error: --phases {args.phases!r}: use a comma-separated subset of {','.join(GROUPS)}", file=sys.stderr)
+        return 2
     try:
         if args.topology is not None:
             devices = topology_devices(args.topology)
@@ -417,7 +429,7 @@ def main(argv=None) -> int:
                                 "CPU devices; run python -m lad_jax.plan in a fresh process")
             devices = devices[: args.devices]
         c = load_config(args.config, args.overrides)
-        report = plan(c, devices, hbm_gib=args.hbm_gib,
+        report = plan(c, devices, hbm_gib=args.hbm_gib, groups=groups,
                       log=lambda msg: print(f"plan: {msg}", file=sys.stderr, flush=True))
     except (PlanError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
