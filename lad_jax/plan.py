@@ -387,7 +387,7 @@ def format_report(report: dict[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lad_jax.plan", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="trainer config YAML (default: the built-in defaults)")
+    p.add_argument("--config", default=None, help="trainer config YAML (default: configs/default.yaml)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--topology", help=f"TPU slice to compile for (needs libtpu): {', '.join(TOPOLOGIES)}")
     where.add_argument("--devices", type=int, help="compile for N fake CPU devices")
