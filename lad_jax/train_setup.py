@@ -77,7 +77,7 @@ def reward_specs(c: Config) -> list[tuple[str, float, dict]]:
 
 
 def build_model(c: Config, tokenizer, mesh):
-    from lad_jax.models import ModelConfig, create_model, from_pretrained
+    from lad_jax.models import create_model, from_pretrained
 
     m = c.model
     if c.init_from is not None:
@@ -87,14 +87,22 @@ def build_model(c: Config, tokenizer, mesh):
             raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but init_from's vocab_size is "
                               f"{model.config.vocab_size}; use the checkpoint's own tokenizer (model.tokenizer)")
         return model
-    cfg = ModelConfig(model_type=m.model_type, vocab_size=len(tokenizer), hidden_size=m.hidden_size,
-                      intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                      num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
-                      max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
-                      qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
-                      eos_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id,
-                      param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+    cfg = scratch_model_config(c, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     return create_model(cfg, seed=c.seed, mesh=mesh)
+
+
+def scratch_model_config(c: Config, vocab_size: int, eos_id: int, pad_id: int | None):
+    """The ModelConfig of a from-scratch model (init_from=null): the `model` section plus the tokenizer's sizes."""
+    from lad_jax.models import ModelConfig
+
+    m = c.model
+    return ModelConfig(model_type=m.model_type, vocab_size=vocab_size, hidden_size=m.hidden_size,
+                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, rope_theta=m.rope_theta,
+                       max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
+                       qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
+                       eos_token_ids=(eos_id,), pad_token_id=pad_id,
+                       param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
 
 
 def train_objects(c: Config, model, mesh):

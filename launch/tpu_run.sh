@@ -9,6 +9,8 @@
 #   --env KEY=VALUE   extra environment variable for the trainer (repeatable), e.g. --env LIBTPU_INIT_ARGS=...
 #   --foreground      stay attached and stream all workers' output (Ctrl-C detaches only the ssh sessions)
 #   --skip-check      do not validate the config locally before launching
+#   --skip-plan       do not compile the run for --accelerator first (python -m lad_jax.plan, needs libtpu locally:
+#                     pip install -e .[plan]); by default a config that does not fit the chips' HBM stops here
 #   key.sub=value     any other argument is a trainer config override, passed through in order
 #
 # Every worker runs the same command; the trainer calls jax.distributed.initialize(), which finds the other
@@ -21,7 +23,7 @@ set -euo pipefail
 # shellcheck source=common.sh source-path=SCRIPTDIR
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-config=configs/default.yaml foreground=0 check=1
+config=configs/default.yaml foreground=0 check=1 plan=1
 envs=(PYTHONUNBUFFERED=1)
 overrides=()
 while (($#)); do
@@ -30,6 +32,7 @@ while (($#)); do
     --env | --env=*) lad_flag_value "$@"; envs+=("$LAD_VALUE"); shift "$LAD_SHIFT" ;;
     --foreground) foreground=1; shift ;;
     --skip-check) check=0; shift ;;
+    --skip-plan) plan=0; shift ;;
     -h | --help) lad_usage "$0"; exit 0 ;;
     --*) lad_common_flag "$@" || lad_die "unknown flag '$1' (see --help)"; shift "$LAD_SHIFT" ;;
     *=*) overrides+=("$1"); shift ;;
@@ -69,6 +72,21 @@ EOF
     lad_note "config $config with $((${#train_args[@]} - 2)) override(s): valid"
   else
     lad_note "note: lad_jax is not importable with $local_python here; skipping the local config check"
+  fi
+fi
+
+if ((plan)); then
+  # Compile every phase for the slice (compile-only, no TPU needed) so an out-of-memory config fails here, not
+  # after the slice has started: lad_jax.plan exits 3 when a phase does not fit the chips' HBM.
+  local_python=${LAD_LOCAL_PYTHON:-python3}
+  if (cd "$LAD_REPO_DIR" && "$local_python" -c 'import libtpu, lad_jax.plan' 2>/dev/null); then
+    lad_note "plan: compiling $config for $LAD_ACCELERATOR (python -m lad_jax.plan; --skip-plan skips this)"
+    rc=0
+    (cd "$LAD_REPO_DIR" && "$local_python" -m lad_jax.plan --topology "$LAD_ACCELERATOR" "${train_args[@]}" >&2) || rc=$?
+    ((rc == 3)) && lad_die "the plan above says this config does not fit $LAD_ACCELERATOR (see DOES NOT FIT); change the mesh or batch sizes, or pass --skip-plan"
+    ((rc == 0)) || lad_die "python -m lad_jax.plan failed (exit $rc); fix the error above or pass --skip-plan"
+  else
+    lad_note "note: libtpu or lad_jax is not importable with $local_python here (pip install -e .[plan]); skipping the memory plan"
   fi
 fi
 

@@ -241,6 +241,35 @@ def test_run_single_host_local_output_and_foreground():
     assert "mesh.distributed" not in remote  # single host: the trainer's auto detection decides
 
 
+FAKE_PLAN_PYTHON = """#!/usr/bin/env bash
+# stand-in local python: imports succeed, the config check passes, lad_jax.plan records its argv and exits $PLAN_RC
+if [[ $1 == -m ]]; then printf '%s\\n' "$@" > "$PLAN_ARGV"; echo "largest: train_step -> DOES NOT FIT"; exit "$PLAN_RC"; fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("rc", [0, 3])
+def test_run_plans_the_accelerator_first(tmp_path, rc):
+    python = tmp_path / "python"
+    python.write_text(FAKE_PLAN_PYTHON)
+    python.chmod(0o755)
+    env = {"LAD_LOCAL_PYTHON": str(python), "PLAN_ARGV": str(tmp_path / "argv"), "PLAN_RC": str(rc)}
+    args = [*SCOPE, "--accelerator", "v5e-16", "--run-name", "r", "--bucket", "gs://b",
+            "--config", "configs/qwen2.5-math-1.5b_dapo_lad.yaml", "steps=3"]
+    proc = run("tpu_run.sh", *args, env=env, check=False)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv == ["-m", "lad_jax.plan", "--topology", "v5litepod-16", "--config",
+                    "configs/qwen2.5-math-1.5b_dapo_lad.yaml", "output_dir=gs://b/runs", "run_name=r",
+                    "mesh.distributed='on'", "steps=3"]
+    if rc == 3:  # does not fit: nothing is launched
+        assert proc.returncode == 2 and "does not fit v5litepod-16" in proc.stderr and proc.stdout == ""
+    else:
+        assert proc.returncode == 0 and commands(proc)[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+    (tmp_path / "argv").unlink()
+    skipped = run("tpu_run.sh", *args, "--skip-plan", env=env)
+    assert not (tmp_path / "argv").exists() and commands(skipped)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--accelerator", "v6e-64"], "pass --bucket"),
     (["--accelerator", "v6e-8", "no.such.key=1"], "unknown config key 'no'"),

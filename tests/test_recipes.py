@@ -1,10 +1,9 @@
 """configs/*.yaml: every config loads and validates, instantiates on the 8 fake CPU devices with a tiny model,
-LAD / GRPO twins differ only in the algorithm, and the memory arithmetic in the recipe comments is what
-launch/memory_estimate.py computes for the published architectures."""
+LAD / GRPO twins differ only in the algorithm, and the CPU memory plan recorded in each recipe's comment is what
+`python -m lad_jax.plan` computes now (the TPU numbers beside it come from the same code on libtpu's compiler)."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ from flax import nnx
 from lad_jax import train_step as ts
 from lad_jax.config import Config, check_devices, load_config
 from lad_jax.experience import prompt_bucket
-from lad_jax.models import ModelConfig, Transformer, init_cache
+from lad_jax.models import ModelConfig, Transformer, known_configs
 from lad_jax.rewards import build_reward_fn
 from lad_jax.sharding import make_mesh
 from lad_jax.train_setup import reward_specs
@@ -25,36 +24,33 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 RECIPES = [p for p in CONFIGS if p.name not in ("default.yaml", "tiny_test.yaml")]
 
-# Architecture fields of the published config.json files the recipes start from (init_from), so the memory
-# comments and the context-length limit can be checked offline.
-_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rms_norm_eps": 1e-6,
-          "use_sliding_window": False, "bos_token_id": 151643, "eos_token_id": 151643}
-HF_CONFIGS = {
-    "Qwen/Qwen2.5-Math-1.5B": {**_QWEN2, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-                               "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
-                               "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": True},
-    "Qwen/Qwen2.5-7B": {**_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-                        "max_position_embeddings": 131072, "rope_theta": 1000000.0, "tie_word_embeddings": False},
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": {
-        **_QWEN2, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-        "max_position_embeddings": 131072, "rope_theta": 10000.0, "tie_word_embeddings": False},
-}
+HF_CONFIGS = known_configs.HF_CONFIGS
 
 
-def _memory_estimate():
-    spec = importlib.util.spec_from_file_location("memory_estimate", REPO / "launch" / "memory_estimate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The CPU check every recipe records and this file recomputes: the recipe's own model, dtypes, remat, attention and
+# mesh degree at a tiny batch and context, so the train step compiles in seconds on 8 CPU devices.
+CPU_CHECK = ("--devices 8 --phases train_step rollout.prompts_per_step=4 rollout.num_samples=2 "
+             "rollout.max_new_tokens=16 data.max_prompt_tokens=16 algorithm.minibatch_size=8 "
+             "algorithm.micro_batch_size=4 mesh.fsdp=4 mesh.tensor=2")
 
 
-def recipe_chips(text: str) -> int:
-    """The slice size a recipe is sized for: the --chips of the memory_estimate command in its comment."""
-    match = re.search(r"python launch/memory_estimate\.py --config \S+ --chips (\d+)", text)
-    assert match, "the recipe comment must show its `python launch/memory_estimate.py --config ... --chips N` line"
-    return int(match.group(1))
+def plan_recipe(text: str) -> str:
+    """The recipe whose plan this one uses: itself, or for a GRPO twin ("Memory: as in the LAD file") its LAD file."""
+    return "lad" if "Memory: as in the LAD file" in text else "self"
+
+
+def recipe_chips(path: Path) -> int:
+    """The slice size a recipe is sized for: the chips of the --topology in its `python -m lad_jax.plan` line."""
+    text = path.read_text()
+    if plan_recipe(text) == "lad":
+        path = path.with_name(path.name.replace("_grpo.yaml", "_lad.yaml"))
+        text = path.read_text()
+    match = re.search(rf"python -m lad_jax\.plan --config configs/{re.escape(path.name)} --topology (\S+)"
+                      r"(?: --phases \S+)?$", text, re.M)
+    assert match, f"{path.name}: the recipe comment must show its `python -m lad_jax.plan --topology NAME` line"
+    from lad_jax.plan import TOPOLOGIES
+
+    return math.prod(int(x) for x in TOPOLOGIES[match.group(1)][0].split(":")[1].split("x"))
 
 
 def tiny_overrides(config: Config) -> list[str]:
@@ -78,7 +74,7 @@ def test_config_validates(path):
     if path in RECIPES:
         assert config.init_from in HF_CONFIGS, f"{path.name}: add its config.json architecture to HF_CONFIGS"
         # Device-dependent checks on the slice the recipe was sized for (the --chips in its comment).
-        chips = recipe_chips(path.read_text())
+        chips = recipe_chips(path)
         d, f, t = check_devices(config, chips)
         assert d * f * t == chips
         assert config.rollout.prompts_per_step == 128 and config.rollout.num_samples == 8
@@ -143,75 +139,27 @@ def test_grpo_baseline_is_the_same_run(grpo_path):
     assert "run_name" in diff and diff <= allowed, diff - allowed
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_memory_comment_matches_estimate(path):
+@pytest.mark.parametrize("path", [p for p in RECIPES if plan_recipe(p.read_text()) == "self"],
+                         ids=lambda p: p.name)
+def test_recorded_cpu_plan_matches_a_fresh_one(path):
+    """The recipe's recorded CPU plan is what lad_jax.plan computes now. Argument bytes (the train state and batch
+    shards: shapes x shardings) must match exactly; temporaries within 10%, because XLA:CPU's fusion and buffer
+    assignment may move a little between jaxlib releases (pyproject allows any 0.10.x) while every change that
+    matters here (a dtype, the remat policy, the attention implementation, the micro-batch) moves them far more."""
+    from lad_jax import plan
+
     config = load_config(path)
     hf = HF_CONFIGS[config.init_from]
-    text = path.read_text()
-    chips = recipe_chips(text)
-    # The prompt slots plus the response must fit the checkpoint's context.
     assert prompt_bucket(config) + config.rollout.max_new_tokens <= hf["max_position_embeddings"]
-    if "Memory: as in the LAD file" in text:
-        lad = load_config(path.with_name(path.name.replace("_grpo.yaml", "_lad.yaml")))
-        assert _memory_estimate().estimate(config, hf, chips) == _memory_estimate().estimate(lad, hf, chips)
-        return
-    e = _memory_estimate().estimate(config, hf, chips)
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
-    expected = [
-        f"{e['params'] / 1e9:.3f}e9 parameters",
-        f"= {gb(e['train_state_bytes'])} -> {gb(e['train_state_per_chip'])} per chip",
-        f"would be {gb(e['train_state_bytes_bf16_params'])}",
-        f"{e['kv_bytes_per_token']:,} B per token",
-        f"= {gb(e['kv_cache_bytes'])} -> {gb(e['kv_cache_per_chip'])} per chip",
-        f"saved layer inputs {gb(e['saved_layer_inputs_per_chip'])}",
-        f"{gb(e['attention_per_chip'])}",
-        f"MLP activations {gb(e['mlp_activations_per_chip'])}",
-        f"peak ~{e['rollout_peak_per_chip'] / 1e9:.1f} GB per chip in the rollout, "
-        f"~{e['train_peak_per_chip'] / 1e9:.1f} GB in the update",
-    ]
-    flat = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
-    for snippet in expected:
-        assert snippet in flat, f"{path.name}: memory comment should contain {snippet!r}"
-
-
-def test_memory_estimate_is_exact_for_a_tiny_model():
-    hf = {**_QWEN2, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8,
-          "num_key_value_heads": 4, "vocab_size": 96, "max_position_embeddings": 128, "rope_theta": 10000.0,
-          "tie_word_embeddings": False}
-    overrides = ["rollout.prompts_per_step=4", "rollout.num_samples=2", "rollout.max_new_tokens=8",
-                 "data.max_prompt_tokens=8", "algorithm.minibatch_size=8", "algorithm.micro_batch_size=8",
-                 "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "model.dtype=bfloat16"]
-    config = load_config(RECIPES[0], overrides)
-    e = _memory_estimate().estimate(config, hf, 8)
-    model_config = ModelConfig.from_hf_config(hf, dtype="bfloat16")
-    abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
-    params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-    assert e["params"] == params and e["train_state_bytes"] == 16 * params
-    cache = jax.eval_shape(lambda: init_cache(model_config, 8, 16))
-    assert e["kv_cache_bytes"] == cache["k"].size * 2 * 2  # k and v, bf16
-    assert e["kv_cache_per_chip"] == e["kv_cache_bytes"] / 8  # rows over fsdp 4, kv heads over tensor 2
-    assert e["mesh"] == {"data": 1, "fsdp": 4, "tensor": 2}
-    # Per-chip parameter shards: what the real 8-device mesh and the trainer's shardings give.
-    mesh = make_mesh(1, 4, 2)
-    _, state = nnx.split(abstract)
-    shardings = ts.param_shardings(state, mesh)
-    leaves = jax.tree.leaves(nnx.to_pure_dict(state))
-    shard_elems = sum(math.prod(sh.shard_shape(x.shape)) for sh, x in zip(jax.tree.leaves(shardings), leaves))
-    assert shard_elems < params / 4  # most of the model is split 8 ways
-    assert e["train_state_per_chip"] == 16 * shard_elems  # fp32 params, grads, Adam m and v
-
-
-def test_memory_estimate_command_line(tmp_path, capsys):
-    hf_path = tmp_path / "config.json"
-    hf_path.write_text(json.dumps(HF_CONFIGS["Qwen/Qwen2.5-7B"]))
-    module = _memory_estimate()
-    recipe = str(REPO / "configs" / "qwen2.5-7b_dapo_lad.yaml")
-    assert module.main(["--config", recipe, "--chips", "64", "--hf-config", str(tmp_path), "--json",
-                        "mesh.fsdp=16", "algorithm.micro_batch_size=16"]) == 0
-    e = json.loads(capsys.readouterr().out)
-    assert e["mesh"] == {"data": 1, "fsdp": 16, "tensor": 4} and e["micro_batch_rows_per_chip"] == 1
-    assert module.main(["--config", recipe, "--chips", "32", "--hf-config", str(hf_path)]) == 0
-    assert "peak per chip" in capsys.readouterr().out
-    with pytest.raises(SystemExit):  # a hub id is not read over the network: the error says to pass --hf-config
-        module.main(["--config", recipe, "--chips", "32"])
-    assert "--hf-config" in capsys.readouterr().err
+    text = path.read_text()
+    line = f"python -m lad_jax.plan --config configs/{path.name} {CPU_CHECK}"
+    assert line in " ".join(t.lstrip("# ").strip() for t in text.splitlines() if t.startswith("#")), \
+        f"{path.name}: record the CPU check `{line}`"
+    match = re.search(r"train_step arguments (\d+) B, temporaries (\d+) B", text)
+    assert match, f"{path.name}: record the CPU check's `train_step arguments N B, temporaries N B`"
+    words = CPU_CHECK.split()
+    c = load_config(path, words[4:])
+    report = plan.plan(c, jax.devices()[:8], groups=("train_step",))
+    (step,) = report["phases"]
+    assert step["argument_bytes"] == int(match.group(1))
+    assert abs(step["temp_bytes"] - int(match.group(2))) <= 0.1 * int(match.group(2)), step

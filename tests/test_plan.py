@@ -1,0 +1,97 @@
+"""lad_jax.plan: every phase compiles on the 8 fake CPU devices with abstract arrays, its numbers are the trainer's own
+programs' numbers, and the command line reports bad flags and configs that do not fit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lad_jax import plan
+from lad_jax.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = str(REPO / "configs" / "tiny_test.yaml")
+# 64 new tokens: two decode windows, so a cache growth between them; eval with the rollout's own shapes (16 prompt
+# slots, same prompts and samples), so its programs are the rollout's and come from the compilation cache.
+OVERRIDES = ["rollout.max_new_tokens=64", "model.max_position_embeddings=96", "data.max_prompt_tokens=16",
+             "rollout.old_logprobs=recompute", "eval.enabled=true", "eval.num_samples=4", "eval.max_prompts=8"]
+
+
+@pytest.fixture(scope="module")
+def report():
+    c = load_config(TINY, OVERRIDES)
+    return plan.plan(c, jax.devices()[:8])
+
+
+def test_every_phase_compiles_and_reports_numbers(report):
+    names = [p["name"] for p in report["phases"]]
+    sampler = ["prefill", "decode_weights", "start", "decode_48", "grow_k_80", "grow_v_80", "decode_80"]
+    assert names == ["train_step", "recompute", *(f"rollout_{n}" for n in sampler), *(f"eval_{n}" for n in sampler)]
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    for p in report["phases"]:
+        assert p["argument_bytes"] > 0 and p["output_bytes"] > 0, p
+        assert p["peak_bytes"] == p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"]
+        assert p["fits"] is None  # CPU devices have no HBM limit unless one is given
+    by = {p["name"]: p for p in report["phases"]}
+    # The train step donates its state (aliased), the decode its loop state; the growth cannot (larger buffers).
+    assert by["train_step"]["alias_bytes"] > 0 and by["rollout_decode_80"]["alias_bytes"] > 0
+    # The rollout keeps the optimizer state resident; during the growth also the params, weights and other layers.
+    assert 0 < by["rollout_prefill"]["resident_bytes"] == by["rollout_decode_48"]["resident_bytes"]
+    assert by["rollout_grow_v_80"]["resident_bytes"] > by["rollout_grow_k_80"]["resident_bytes"] > \
+        by["rollout_prefill"]["resident_bytes"]
+    # eval was given the rollout's shapes: the same programs, the same numbers
+    for phase in sampler:
+        assert by[f"eval_{phase}"]["peak_bytes"] == by[f"rollout_{phase}"]["peak_bytes"]
+    text = plan.format_report(report)
+    assert "train_step" in text and "MiB" in text and "no HBM limit" in text
+
+
+def _analysis(compiled):
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
+
+
+def test_train_step_is_the_trainers_own(report, tmp_path):
+    """The plan's train-step numbers equal compiling the Trainer's TrainStep on real (initialized) arrays."""
+    from lad_jax.train_setup import build
+    from lad_jax.train_step import TrainStep, init_train_state
+
+    c = load_config(TINY, OVERRIDES + [f"output_dir={tmp_path}"])
+    s = build(c)
+    step = TrainStep(c, s.graphdef, s.tx, s.schedule, s.mesh, s.shardings)
+    state = init_train_state(s.tx, s.params, s.shardings)
+    t = 16 + 64
+    dtypes = {"tokens_bt": jnp.int32, "positions_bt": jnp.int32, "valid_bt": jnp.bool_, "response_bt": jnp.bool_,
+              "old_logp_bt": jnp.float32, "advantages_b": jnp.float32}
+    batch = {k: jax.device_put(np.zeros((2, 8) if k == "advantages_b" else (2, 8, t), d), step.batch_shardings[k])
+             for k, d in dtypes.items()}
+    real = _analysis(step.lower(state, batch).compile())
+    p = next(p for p in report["phases"] if p["name"] == "train_step")
+    assert real == (p["argument_bytes"], p["output_bytes"], p["alias_bytes"], p["temp_bytes"])
+
+
+def test_does_not_fit_exits_nonzero(capsys):
+    # the fixture's config again (compiled programs come from the cache), checked against a 1 KiB chip
+    code = plan.main(["--config", TINY, "--devices", "8", "--hbm-gib", "1e-6", *OVERRIDES])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "DOES NOT FIT" in out and "largest:" in out
+
+
+def test_bad_topology_names_the_flag(capsys):
+    assert plan.main(["--config", TINY, "--topology", "v9-7"]) == 2
+    err = capsys.readouterr().err
+    assert "--topology 'v9-7' is not known" in err and "v5p-64" in err
+
+
+def test_topology_table_sizes():
+    t = plan.TOPOLOGIES
+    assert t["v5p-64"] == ("v5:2x4x4", "megacore", (2, 2, 1))  # 32 chips (v5p names count TensorCores)
+    assert t["v4-8"][0] == "v4:2x2x1" and t["v5litepod-16"] == t["v5e-16"] == ("v5e:4x4", "default", (2, 2, 1))
+    for name, (topo, _, _) in t.items():
+        chips = int(np.prod([int(x) for x in topo.split(":")[1].split("x")]))
+        n = int(name.rsplit("-", 1)[1])
+        assert chips == (n // 2 if name.startswith(("v4", "v5p")) else n), name
