@@ -66,6 +66,9 @@ class RolloutSection:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     old_logprobs: str = "sampler"  # sampler | recompute
+    # 0: static batches (every row of the rollout decodes at once); N > 0: continuous batching over N decode slots
+    # (`sampler_continuous`; same tokens for the same seed, a finished row's slot takes the next pending row)
+    decode_slots: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
