@@ -37,6 +37,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 
 from lad_jax import distributed, sampler_loop
+from lad_jax.models.attention import dense_attention
 from lad_jax.models.cache import LAYER_CACHE_LAYOUT, LAYER_CACHE_LOGICAL_AXES
 from lad_jax.models.transformer import decoder_layer, rms_norm
 from lad_jax.sampler import SampleOutput, _call_key, _resolve_mesh, _resolve_sampling, bucket_length
@@ -127,6 +128,8 @@ def _slot_step(model, layer_params, tokens_s1, pos_s1, cache, write_s, mask_s1w)
     dt = c.jnp_dtype
     x, (cos, sin) = model._inputs(tokens_s1, pos_s1)
     rows = jnp.arange(tokens_s1.shape[0])
+    layout = (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"])
+    attend = lambda q, k_all, v_all: dense_attention(q, k_all, v_all, mask_s1w, layout)  # noqa: E731
     new_k, new_v = [], []
     for p, k_cache, v_cache in zip(layer_params, cache["k"], cache["v"]):
         def write(k_btkx, v_btkx, k_cache=k_cache, v_cache=v_cache):
@@ -134,19 +137,22 @@ def _slot_step(model, layer_params, tokens_s1, pos_s1, cache, write_s, mask_s1w)
             v_cache = v_cache.at[rows, :, write_s, :].set(v_btkx[:, 0].astype(v_cache.dtype))
             return k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
 
-        x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, mask_s1w, write,
-                                              (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"]))
+        x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, attend, write)
         new_k.append(constrain(k_cache, LAYER_CACHE_LOGICAL_AXES["k"]))
         new_v.append(constrain(v_cache, LAYER_CACHE_LOGICAL_AXES["v"]))
     x = rms_norm(x, model.final_norm[...], c.rms_norm_eps)
     return x, dict(cache, k=tuple(new_k), v=tuple(new_v))
 
 
-def _run_impl(graphdef, state, layer_params, prefix, logits_pv, valid_pl, lengths_p, budget_r, stop_ids,
+def _run_impl(graphdef, state, weights, prefix, logits_pv, valid_pl, lengths_p, budget_r, stop_ids,
               params: SamplingParams, key, pad_id, *, mode: SamplingMode, num_samples: int, slots: int,
               max_new_tokens: int, cache_dtype):
     sampler_loop.TRACES["continuous"] += 1
     model = nnx.merge(graphdef, state)
+    # `sampler_loop.decode_weights`: compute dtype, made once per call (no FSDP gathers inside the loop)
+    top, layer_params = weights
+    for name, w in top.items():  # set_value replaces the array (`[...] =` would cast back to the param dtype)
+        getattr(model, name).set_value(w)
     num_r, t = budget_r.shape[0], max_new_tokens
     lp = valid_pl.shape[1]
     window = lp + t
@@ -283,11 +289,11 @@ def generate_continuous(
             put = put_replicated = jnp.asarray
         logits_pv, prefix = sampler_loop.prefill(graphdef, state, put(tokens_pl), put(positions_pl), put(valid_pl),
                                                  cache_len=lp, num_samples=1, cache_dtype=dtype)
-        layer_params = sampler_loop.split_layers(graphdef, state)
+        weights = sampler_loop.decode_weights(graphdef, state)
         key_data = put_replicated(np.asarray(jax.random.key_data(key)))
         params = jax.tree.map(lambda a: put_replicated(np.asarray(a)), method.params())
         tokens_rt, logprobs_rt, lengths_r, stopped_r, steps = run(
-            graphdef, state, layer_params, prefix, logits_pv, put_replicated(valid_pl), put_replicated(lengths_p),
+            graphdef, state, weights, prefix, logits_pv, put_replicated(valid_pl), put_replicated(lengths_p),
             put_replicated(budget_r), put_replicated(stop_ids), params,
             jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key)),
             put_replicated(np.asarray(pad_id, np.int32)), mode=method.mode, num_samples=num_samples, slots=slots,
