@@ -133,9 +133,19 @@ class CheckpointSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSection:
+    """Weights & Biases logging (the optional `wandb` extra): same scalars as TensorBoard, from process 0 only."""
+    mode: str = "disabled"  # disabled | online | offline (offline: files under <run_dir>/wandb, no network)
+    project: str = "lad_jax"
+    entity: str | None = None  # None: the logged-in user's default entity
+    run_name: str | None = None  # None: the config's run_name
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSection:
     tensorboard: bool = True
     progress_bar: bool = True
+    wandb: WandbSection = WandbSection()
 
 
 @dataclasses.dataclass(frozen=True)

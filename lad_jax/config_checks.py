@@ -13,6 +13,7 @@ SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 TASKS = ("none", "numbers")
 DISTRIBUTED = ("auto", "on", "off")
+WANDB_MODES = ("disabled", "online", "offline")
 # attention kernels (lad_jax.models.attention): auto = dense for short sequences, else blockwise / splash on TPU
 ATTENTION_IMPLS = ("auto", "dense", "blockwise", "splash", "cudnn")
 ARCH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -139,6 +140,7 @@ def validate(c) -> None:
     _positive(c.eval.max_prompts, "eval.max_prompts")
     _positive(c.eval.ngram, "eval.ngram")
     _choice(c.task.name, TASKS, "task.name")
+    _choice(c.logging.wandb.mode, WANDB_MODES, "logging.wandb.mode")
     if not 0 <= c.task.sft_correct_fraction <= 1:
         raise ConfigError(f"task.sft_correct_fraction={c.task.sft_correct_fraction} must be in [0, 1]")
 

@@ -1,11 +1,13 @@
-"""Metric sinks: `metrics.jsonl` (one JSON object per step) plus TensorBoard scalars."""
+"""Metric sinks: `metrics.jsonl` (one JSON object per step), TensorBoard scalars and (optionally) Weights & Biases."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
 import os
+import tempfile
 import time
 from typing import Any, Mapping
 
@@ -51,7 +53,7 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = True, remote_upload_s: float = 30.0,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, wandb: WandbOptions | None = None):
         self.run_dir = os.fspath(run_dir)
         self.remote = run_files.is_remote(self.run_dir)
         run_files.makedirs(self.run_dir)
@@ -87,6 +89,9 @@ class MetricsWriter:
             # second as an earlier one (a fast resume) would truncate its file. The nanosecond suffix keeps names
             # unique and in time order, which is the order TensorBoard reads them in.
             self._tb = SummaryWriter(logdir=self.run_dir, purge_step=purge, filename_suffix=f".{time.time_ns()}")
+        self._wandb = None
+        if wandb is not None and wandb.mode != "disabled":
+            self._wandb = _start_wandb(self.run_dir, wandb)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Writes one step's scalars; returns them as floats."""
@@ -104,6 +109,10 @@ class MetricsWriter:
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, global_step=int(step))
+        if self._wandb is not None:
+            # W&B drops a step below one it has already seen (a resumed run re-logging the steps after its last
+            # checkpoint keeps the first attempt's values there); equal steps merge (the final eval's scalars).
+            self._wandb.log(values, step=int(step))
         return values
 
     def _upload(self) -> None:
@@ -129,12 +138,45 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbOptions:
+    """What `wandb.init` needs (config.LoggingSection.wandb plus the run's name and config)."""
+    mode: str  # online | offline | disabled
+    project: str
+    entity: str | None
+    run_name: str
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _start_wandb(run_dir: str, options: WandbOptions):
+    """Starts (or, on resume, continues) the W&B run of `run_dir`.
+
+    The run id is kept in `run_dir/wandb_run_id`, so a resumed training run logs into the same W&B run
+    (resume="allow" creates it if the first attempt never reached the server). W&B's own files go to
+    `run_dir/wandb` for a local run dir; for a URL they go to a local temporary directory (W&B writes with plain
+    file I/O), which is only enough for online mode.
+    """
+    import wandb
+
+    id_path = run_files.join(run_dir, "wandb_run_id")
+    run_id = (run_files.read_text(id_path) or "").strip() or None  # None: W&B makes a new id
+    local_dir = tempfile.mkdtemp(prefix="wandb-") if run_files.is_remote(run_dir) else run_dir
+    run = wandb.init(project=options.project, entity=options.entity, name=options.run_name, id=run_id,
+                     resume="allow", mode=options.mode, dir=local_dir, config=dict(options.config))
+    if run_id is None:
+        run_files.write_text(id_path, run.id + "\n")
+    return run
 
 
 class _FsspecRecordWriter:

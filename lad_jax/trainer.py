@@ -35,7 +35,7 @@ from lad_jax import distributed, experience, run_files, sampler
 from lad_jax import train_setup as setup_lib
 from lad_jax.checkpoint import CheckpointError, CheckpointManager, install_preemption_handler
 from lad_jax.config import Config
-from lad_jax.metrics_log import MetricsWriter
+from lad_jax.metrics_log import MetricsWriter, WandbOptions
 from lad_jax.train_step import TrainStep, batch_sharding, init_train_state, make_logprob_fn
 
 _NEVER = 10**9
@@ -213,7 +213,10 @@ class Trainer:
         c = self.c
         start = self._restore_or_init()
         preempt = install_preemption_handler()
-        writer = (MetricsWriter(c.run_dir, tensorboard=c.logging.tensorboard, resume_step=start)
+        w = c.logging.wandb
+        wandb = WandbOptions(mode=w.mode, project=w.project, entity=w.entity, run_name=w.run_name or c.run_name,
+                             config=c.to_dict())
+        writer = (MetricsWriter(c.run_dir, tensorboard=c.logging.tensorboard, resume_step=start, wandb=wandb)
                   if jax.process_index() == 0 else None)
         if self.eval_before is None and c.eval.at_start and self.eval_rows:
             self.eval_before = self.evaluate(start)
