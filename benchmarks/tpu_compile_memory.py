@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, Mesh  # noqa: E402
 
-from lad_jax.config import load_config  # noqa: E402
+from lad_jax.config import ATTENTION_IMPLS, load_config  # noqa: E402
 from lad_jax.models import ModelConfig, Transformer  # noqa: E402
 from lad_jax.train_setup import train_objects  # noqa: E402
 from lad_jax.train_step import BATCH_KEYS, TrainStep  # noqa: E402
@@ -78,16 +78,21 @@ def main():
     ap.add_argument("--topology", default="v5:2x4x4")
     ap.add_argument("--mesh", default="1,8,4", help="data,fsdp,tensor")
     ap.add_argument("--only", choices=("with_mesh", "without_mesh"), default=None)
+    ap.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+                    help="model.attention (default: the recipe's); splash needs the mesh context: use --only with_mesh")
+    ap.add_argument("--remat", default=None, help="model.remat (default: the recipe's)")
     args = ap.parse_args()
 
     devices = tpu_devices(args.topology)
     shape = tuple(int(s) for s in args.mesh.split(","))
     mesh = Mesh(np.asarray(devices).reshape(shape), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
     overrides = [] if args.micro_batch is None else [f"algorithm.micro_batch_size={args.micro_batch}"]
+    overrides += [] if args.attention is None else [f"model.attention={args.attention}"]
+    overrides += [] if args.remat is None else [f"model.remat={args.remat}"]
     c = load_config(RECIPE, overrides)  # init_from stays a name only: nothing is downloaded
     m = c.model
     cfg = ModelConfig(**{**QWEN25_7B, "num_layers": args.layers}, param_dtype=m.param_dtype, dtype=m.dtype,
-                      remat=m.remat)
+                      remat=m.remat, attention=m.attention)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, tx, schedule, shardings = train_objects(c, model, mesh)
 
@@ -106,7 +111,7 @@ def main():
             "without_mesh": lambda: step._fn.lower(abs_state, batch)}
     result = {"topology": args.topology, "device_kind": devices[0].device_kind, "devices": len(devices),
               "mesh": dict(mesh.shape), "layers": args.layers, "seq_len": args.seq_len, "micro_batch": micro,
-              "n_micro": n_micro, "remat": m.remat, "unit": "GiB per device"}
+              "n_micro": n_micro, "remat": m.remat, "attention": m.attention, "unit": "GiB per device"}
     for name, lower in runs.items():
         if args.only in (None, name):
             result[name] = measure(lower)

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from lad_jax.config_checks import (  # noqa: F401  (re-exported: one place for names and checks)
-    ADVANTAGES, AGGREGATIONS, ARCH_FIELDS, DISTRIBUTED, DIVERGENCES, DTYPES, LOSSES, OLD_LOGPROBS, RATIO_LEVELS,
-    SCHEDULES, TASKS, ConfigError, check_devices, mesh_shape, validate)
+    ADVANTAGES, AGGREGATIONS, ARCH_FIELDS, ATTENTION_IMPLS, DISTRIBUTED, DIVERGENCES, DTYPES, LOSSES, OLD_LOGPROBS,
+    RATIO_LEVELS, SCHEDULES, TASKS, ConfigError, check_devices, mesh_shape, validate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +66,9 @@ class RolloutSection:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     old_logprobs: str = "sampler"  # sampler | recompute
+    # 0: static batches (every row of the rollout decodes at once); N > 0: continuous batching over N decode slots
+    # (`sampler_continuous`; same tokens for the same seed, a finished row's slot takes the next pending row)
+    decode_slots: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from lad_jax import advantages as adv_lib
-from lad_jax import distributed, sampler
+from lad_jax import distributed, sampler, sampler_continuous
 from lad_jax.config import Config
 
 MINIBATCH_FIELDS = ("tokens_bt", "positions_bt", "valid_bt", "response_bt", "old_logp_bt", "advantages_b")
@@ -65,10 +65,14 @@ def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: 
     """
     r, g = c.rollout, c.rollout.num_samples
     t0 = time.perf_counter()
-    out = sampler.generate(model, [row["prompt_ids"] for row in rows], max_new_tokens=r.max_new_tokens,
-                           num_samples=g, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                           stop_token_ids=stop_ids, seed=key, pad_id=tokenizer.pad_token_id,
-                           min_prompt_bucket=prompt_bucket(c), mesh=mesh)
+    kw = dict(max_new_tokens=r.max_new_tokens, num_samples=g, temperature=r.temperature, top_k=r.top_k,
+              top_p=r.top_p, stop_token_ids=stop_ids, seed=key, pad_id=tokenizer.pad_token_id,
+              min_prompt_bucket=prompt_bucket(c), mesh=mesh)
+    prompts = [row["prompt_ids"] for row in rows]
+    if r.decode_slots:
+        out = sampler_continuous.generate_continuous(model, prompts, decode_slots=r.decode_slots, **kw)
+    else:
+        out = sampler.generate(model, prompts, **kw)
     host = jax.device_get({"pt": out.prompt_tokens_bs, "pl": out.prompt_lengths_b, "t": out.tokens_bt,
                            "lp": out.logprobs_bt, "n": out.lengths_b, "stop": out.stopped_b})
     t1 = time.perf_counter()

@@ -141,6 +141,85 @@ def _masked_mean(x_bt, mask_bt):
     return jnp.sum(jnp.where(mask_bt, x, 0.0)) / jnp.maximum(jnp.sum(mask_bt), 1).astype(jnp.float32)
 
 
+def _sequence_broadcast(x_b, shape):
+    """A per-sequence value carried by every token of its sequence."""
+    return jnp.broadcast_to(x_b[:, None], shape)
+
+
+def lad_token_loss(log_ratio_bt, seq_log_ratio_b, adv_bt, mask_bt, *, eta, divergence, ratio_level,
+                   log_ratio_clip):
+    """LAD per-token loss ``exp(u) f(exp(l - u))`` and its ``above_target_frac`` metric."""
+    l_bt = log_ratio_bt if ratio_level == "token" else _sequence_broadcast(seq_log_ratio_b, log_ratio_bt.shape)
+    loss_bt = lad_objective(l_bt, adv_bt, eta=eta, divergence=divergence, log_ratio_clip=log_ratio_clip)
+    above_bt = l_bt > adv_bt / jnp.asarray(eta, jnp.float32)
+    return loss_bt, {"above_target_frac": _masked_mean(above_bt.astype(jnp.float32), mask_bt)}
+
+
+def clipped_surrogate_loss(l_bt, adv_bt, mask_bt, *, clip_eps_low, clip_eps_high):
+    """PPO-clipped surrogate ``-min(r A, clip(r) A)`` with ``r = exp(l_bt)`` (GRPO / DAPO / GSPO) and ``clip_frac``."""
+    ratio = jnp.exp(l_bt)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
+    surrogate = jnp.minimum(ratio * adv_bt, clipped * adv_bt)
+    is_clipped = ((adv_bt > 0) & (ratio > 1.0 + clip_eps_high)) | ((adv_bt < 0) & (ratio < 1.0 - clip_eps_low))
+    return -surrogate, {"clip_frac": _masked_mean(is_clipped.astype(jnp.float32), mask_bt)}
+
+
+def grpo_token_loss(log_ratio_bt, seq_log_ratio_b, adv_bt, mask_bt, *, ratio_level, clip_eps_low, clip_eps_high):
+    """GRPO: clipped surrogate on the token (or whole-sequence) ratio."""
+    l_bt = log_ratio_bt if ratio_level == "token" else _sequence_broadcast(seq_log_ratio_b, log_ratio_bt.shape)
+    return clipped_surrogate_loss(l_bt, adv_bt, mask_bt, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+
+
+def gspo_token_loss(log_ratio_bt, seq_log_ratio_b, length_b, adv_bt, mask_bt, *, clip_eps_low, clip_eps_high):
+    """GSPO: clipped surrogate on the sequence geometric-mean ratio."""
+    mean_b = seq_log_ratio_b / jnp.maximum(length_b, 1).astype(jnp.float32)
+    l_bt = _sequence_broadcast(mean_b, log_ratio_bt.shape)
+    return clipped_surrogate_loss(l_bt, adv_bt, mask_bt, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+
+
+def pg_token_loss(logp_bt, adv_bt):
+    """REINFORCE ``-A log pi`` (the advantage is already baseline-corrected)."""
+    return -adv_bt * logp_bt, {}
+
+
+def regularized_token_loss(loss_bt, logp_bt, mask_bt, *, ref_logp_bt, kl_coef, kl_estimator, entropy_bt,
+                           entropy_coef):
+    """Adds the optional KL-to-reference penalty and entropy bonus; their means are metrics whenever given."""
+    metrics = {}
+    if ref_logp_bt is not None:
+        ref = jax.lax.stop_gradient(jnp.where(mask_bt, jnp.asarray(ref_logp_bt, jnp.float32), 0.0))
+        delta = ref - logp_bt
+        kl_bt = -delta if kl_estimator == "k1" else jnp.expm1(delta) - delta
+        metrics["kl_ref"] = _masked_mean(kl_bt, mask_bt)
+        if kl_coef != 0.0:
+            loss_bt = loss_bt + jnp.float32(kl_coef) * kl_bt
+    if entropy_bt is not None:
+        entropy = jnp.where(mask_bt, jnp.asarray(entropy_bt, jnp.float32), 0.0)
+        metrics["entropy"] = _masked_mean(entropy, mask_bt)
+        if entropy_coef != 0.0:
+            loss_bt = loss_bt - jnp.float32(entropy_coef) * entropy
+    return loss_bt, metrics
+
+
+def aggregate(loss_bt, mask_bt, length_b, *, aggregation, max_length_norm):
+    """(numerator, denominator) of the aggregated loss; padding is zeroed and the denominator has no gradient."""
+    loss_bt = jnp.where(mask_bt, loss_bt, 0.0)
+    has_tokens_b = (length_b > 0).astype(jnp.float32)
+    if aggregation == "token-mean":
+        numerator = jnp.sum(loss_bt)
+        denominator = jnp.sum(length_b).astype(jnp.float32)
+    elif aggregation == "seq-mean-token-mean":
+        numerator = jnp.sum(jnp.sum(loss_bt, axis=1) / jnp.maximum(length_b, 1).astype(jnp.float32))
+        denominator = jnp.sum(has_tokens_b)
+    elif aggregation == "seq-mean-token-sum":
+        numerator = jnp.sum(loss_bt)
+        denominator = jnp.sum(has_tokens_b)
+    else:  # seq-mean-token-sum-norm
+        numerator = jnp.sum(loss_bt) / jnp.float32(max_length_norm)
+        denominator = jnp.sum(has_tokens_b)
+    return numerator, jax.lax.stop_gradient(denominator)
+
+
 def policy_loss(
     logp_bt,
     old_logp_bt,
@@ -232,61 +311,25 @@ def policy_loss(
     length_b = jnp.sum(mask, axis=1)
     log_ratio_bt = logp - old
     seq_log_ratio_b = jnp.sum(log_ratio_bt, axis=1)
-    metrics = {}
 
     if loss == "lad":
-        if ratio_level == "token":
-            l_bt = log_ratio_bt
-        else:
-            l_bt = jnp.broadcast_to(seq_log_ratio_b[:, None], shape)
-        loss_bt = lad_objective(l_bt, adv_bt, eta=eta, divergence=divergence, log_ratio_clip=log_ratio_clip)
-        above_bt = l_bt > adv_bt / jnp.asarray(eta, jnp.float32)
-        metrics["above_target_frac"] = _masked_mean(above_bt.astype(jnp.float32), mask)
-    elif loss in ("grpo", "gspo"):
-        if loss == "gspo":
-            mean_b = seq_log_ratio_b / jnp.maximum(length_b, 1).astype(jnp.float32)
-            l_bt = jnp.broadcast_to(mean_b[:, None], shape)
-        elif ratio_level == "token":
-            l_bt = log_ratio_bt
-        else:
-            l_bt = jnp.broadcast_to(seq_log_ratio_b[:, None], shape)
-        ratio = jnp.exp(l_bt)
-        clipped = jnp.clip(ratio, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
-        surrogate = jnp.minimum(ratio * adv_bt, clipped * adv_bt)
-        loss_bt = -surrogate
-        is_clipped = ((adv_bt > 0) & (ratio > 1.0 + clip_eps_high)) | ((adv_bt < 0) & (ratio < 1.0 - clip_eps_low))
-        metrics["clip_frac"] = _masked_mean(is_clipped.astype(jnp.float32), mask)
-    else:  # pg
-        loss_bt = -adv_bt * logp
-
-    if ref_logp_bt is not None:
-        ref = jax.lax.stop_gradient(jnp.where(mask, jnp.asarray(ref_logp_bt, jnp.float32), 0.0))
-        delta = ref - logp
-        kl_bt = -delta if kl_estimator == "k1" else jnp.expm1(delta) - delta
-        metrics["kl_ref"] = _masked_mean(kl_bt, mask)
-        if kl_coef != 0.0:
-            loss_bt = loss_bt + jnp.float32(kl_coef) * kl_bt
-    if entropy_bt is not None:
-        entropy = jnp.where(mask, jnp.asarray(entropy_bt, jnp.float32), 0.0)
-        metrics["entropy"] = _masked_mean(entropy, mask)
-        if entropy_coef != 0.0:
-            loss_bt = loss_bt - jnp.float32(entropy_coef) * entropy
-
-    loss_bt = jnp.where(mask, loss_bt, 0.0)
-    has_tokens_b = (length_b > 0).astype(jnp.float32)
-    if aggregation == "token-mean":
-        numerator = jnp.sum(loss_bt)
-        denominator = jnp.sum(length_b).astype(jnp.float32)
-    elif aggregation == "seq-mean-token-mean":
-        numerator = jnp.sum(jnp.sum(loss_bt, axis=1) / jnp.maximum(length_b, 1).astype(jnp.float32))
-        denominator = jnp.sum(has_tokens_b)
-    elif aggregation == "seq-mean-token-sum":
-        numerator = jnp.sum(loss_bt)
-        denominator = jnp.sum(has_tokens_b)
-    else:  # seq-mean-token-sum-norm
-        numerator = jnp.sum(loss_bt) / jnp.float32(max_length_norm)
-        denominator = jnp.sum(has_tokens_b)
-    denominator = jax.lax.stop_gradient(denominator)
+        loss_bt, metrics = lad_token_loss(log_ratio_bt, seq_log_ratio_b, adv_bt, mask, eta=eta,
+                                          divergence=divergence, ratio_level=ratio_level,
+                                          log_ratio_clip=log_ratio_clip)
+    elif loss == "grpo":
+        loss_bt, metrics = grpo_token_loss(log_ratio_bt, seq_log_ratio_b, adv_bt, mask, ratio_level=ratio_level,
+                                           clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+    elif loss == "gspo":
+        loss_bt, metrics = gspo_token_loss(log_ratio_bt, seq_log_ratio_b, length_b, adv_bt, mask,
+                                           clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high)
+    else:
+        loss_bt, metrics = pg_token_loss(logp, adv_bt)
+    loss_bt, extra = regularized_token_loss(loss_bt, logp, mask, ref_logp_bt=ref_logp_bt, kl_coef=kl_coef,
+                                            kl_estimator=kl_estimator, entropy_bt=entropy_bt,
+                                            entropy_coef=entropy_coef)
+    metrics = {**metrics, **extra}
+    numerator, denominator = aggregate(loss_bt, mask, length_b, aggregation=aggregation,
+                                       max_length_norm=max_length_norm)
 
     metrics["loss"] = jax.lax.stop_gradient(numerator) / jnp.maximum(denominator, 1.0)
     metrics["ratio_mean"] = _masked_mean(jnp.exp(log_ratio_bt), mask)

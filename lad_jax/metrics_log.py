@@ -1,10 +1,4 @@
-"""Metric sinks: `metrics.jsonl` (one JSON object per step) plus TensorBoard scalars, and one-step-late reading.
-
-`DeferredMetrics` implements the "read metrics one step late" pattern: the train loop hands it step N's metrics
-while they are still device arrays (still being computed), dispatches step N+1, and only then converts step N's
-metrics to Python floats. The blocking device->host copy therefore overlaps with step N+1's computation instead
-of stalling dispatch.
-"""
+"""Metric sinks: `metrics.jsonl` (one JSON object per step) plus TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -176,36 +170,3 @@ def _ensure_tensorboard_backend(url: str) -> None:
     if scheme not in record_writer.REGISTERED_FACTORIES:
         record_writer.register_writer_factory(scheme, _FsspecRecordWriterFactory())
 
-
-class DeferredMetrics:
-    """Holds one step's device metrics until the next step has been dispatched.
-
-    Loop shape::
-
-        deferred = DeferredMetrics()
-        for step in ...:
-            state, metrics = train_step(state, batch)            # dispatched, not finished
-            ready = deferred.push(step, metrics)                   # converts the *previous* step's metrics
-            if ready: writer.write(*ready)
-        ready = deferred.flush()                                   # the last step's metrics
-    """
-
-    def __init__(self):
-        self._pending: tuple[int, Mapping[str, Any]] | None = None
-
-    def push(self, step: int, metrics: Mapping[str, Any]) -> tuple[int, dict[str, float]] | None:
-        """Stores `metrics` for `step`; returns the previously stored step's metrics as floats (or None)."""
-        previous, self._pending = self._pending, (int(step), metrics)
-        return self._materialise(previous)
-
-    def flush(self) -> tuple[int, dict[str, float]] | None:
-        """Returns (and clears) the stored metrics as floats, or None when nothing is pending."""
-        previous, self._pending = self._pending, None
-        return self._materialise(previous)
-
-    @staticmethod
-    def _materialise(entry):
-        if entry is None:
-            return None
-        step, metrics = entry
-        return step, {name: to_float(value) for name, value in metrics.items()}

@@ -68,10 +68,12 @@ def test_blockwise_equals_dense_outputs_and_grads(case):
 
 def test_splash_interpret_equals_dense():
     """The TPU splash kernel, run by the Pallas interpreter on CPU: causal + left padding as segment ids, GQA (h=4
-    over k=2 heads), a prefill (t=128 into s=256 slots), outputs and gradients; only real-token query rows are
+    over k=2 heads), a prefill (t=128 into s=256 slots), t = s = 100 (padded to 128 inside), outputs and gradients;
+    only real-token query rows are
     compared (splash lets a padding query see earlier padding keys; its output is never read)."""
     b, h, kh, x = 2, 4, 2, 32
-    for t, s, lengths, self_visible in ((128, 128, [128, 50], True), (128, 256, [128, 7], False)):
+    for t, s, lengths, self_visible in ((128, 128, [128, 50], True), (128, 256, [128, 7], False),
+                                        (100, 100, [100, 30], True)):
         valid = jnp.asarray(np.arange(s)[None] >= (t - np.asarray(lengths))[:, None]) & (jnp.arange(s) < t)
         mask = causal_mask(b, t, s, 0, valid, self_visible=self_visible)
         q, k, v, w = _qkv(b, t, s, h, kh, x, seed=t + s)

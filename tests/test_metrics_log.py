@@ -1,4 +1,4 @@
-"""lad_jax.metrics_log: JSONL + TensorBoard writing and one-step-late metric reading."""
+"""lad_jax.metrics_log: JSONL + TensorBoard writing."""
 import json
 import struct
 
@@ -8,7 +8,7 @@ import pytest
 
 from tensorboardX.proto import event_pb2
 
-from lad_jax.metrics_log import DeferredMetrics, MetricsWriter, to_float
+from lad_jax.metrics_log import MetricsWriter, to_float
 
 
 def _read_scalars(event_file):
@@ -93,15 +93,6 @@ def test_tensorboard_resume_purges_steps_after_the_checkpoint(tmp_path):
     assert len(list(run.glob("events.out.tfevents.*"))) == 2
     assert _tensorboard_series(run, "loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0),
                                                 (7, 70.0), (8, 80.0)]
-
-
-def test_deferred_metrics_returns_previous_step():
-    deferred = DeferredMetrics()
-    assert deferred.push(1, {"loss": jnp.float32(1.0)}) is None
-    assert deferred.push(2, {"loss": jnp.float32(2.0)}) == (1, {"loss": 1.0})
-    assert deferred.push(3, {"loss": jnp.float32(3.0)}) == (2, {"loss": 2.0})
-    assert deferred.flush() == (3, {"loss": 3.0})
-    assert deferred.flush() is None
 
 
 def test_writer_remote_url_rewrites_the_whole_object(tmp_path, monkeypatch):

@@ -74,6 +74,23 @@ def test_recompute_matches_sampler_logprobs(remote_run):
     assert np.all(b[~resp] == 0)
 
 
+def test_continuous_rollout_equals_static(remote_run):
+    """rollout.decode_slots > 0 (continuous batching, fewer slots than rows) collects the same experience."""
+    import dataclasses
+
+    config, trainer, _, _, _ = remote_run
+    rows = next(trainer.loader)
+    s = trainer.s
+    kwargs = dict(key=setup_lib.step_key(config.seed, 98), mesh=s.mesh, stop_ids=s.stop_ids)
+    static = experience.collect(config, trainer.policy(), rows, s.tokenizer, s.reward_fn, **kwargs)
+    slots = max(1, config.batch_size // 3)
+    cont_config = dataclasses.replace(config, rollout=dataclasses.replace(config.rollout, decode_slots=slots))
+    cont = experience.collect(cont_config, trainer.policy(), rows, s.tokenizer, s.reward_fn, **kwargs)
+    for name in ("tokens_bt", "response_bt", "advantages_b"):
+        np.testing.assert_array_equal(static.arrays[name], cont.arrays[name])
+    np.testing.assert_allclose(static.arrays["old_logp_bt"], cont.arrays["old_logp_bt"], atol=1e-5)
+
+
 def test_stop_decision_is_agreed_across_processes():
     calls = []
 

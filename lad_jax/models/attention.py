@@ -207,7 +207,9 @@ def splash_attention(q_bthx, k_bskx, v_bskx, mask: SlotMask, *, block: int = BLO
     segment ids (real tokens 1, padding 0), GQA as the MQA kernel vmapped over kv heads (K/V never repeated).
 
     Padding queries see the padding keys before them instead of only themselves (`self_visible`) or nothing: splash
-    needs a non-empty row, and their outputs are never read. Under a mesh the kernel runs in `shard_map` over the
+    needs a non-empty row, and their outputs are never read. t and s are padded at the end to multiples of 128 (the
+    train step attends over t - 1 tokens): the extra key slots lie after every real query, the extra query rows are
+    cut off. Under a mesh the kernel runs in `shard_map` over the
     batch axes (and the kv heads over `tensor` when they divide); `interpret=True` runs it on CPU (tests).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -218,19 +220,20 @@ def splash_attention(q_bthx, k_bskx, v_bskx, mask: SlotMask, *, block: int = BLO
     b, t, h, x = q_bthx.shape
     s, kh = k_bskx.shape[1], k_bskx.shape[2]
     g = h // kh
-    if mask.q_start is None or t % 128 or s % 128:
-        raise ValueError(f"model.attention=splash needs static query slots and t, s multiples of 128; got t={t}, "
-                         f"s={s}, q_start={mask.q_start}")
-    bq, bkv = _divisor_block(t, block), _divisor_block(s, block)
+    if mask.q_start is None:
+        raise ValueError("model.attention=splash needs the queries' slots at trace time (SlotMask.q_start); this "
+                         "call attends from a traced cache index: use blockwise or dense")
+    tp, sp = -(-t // 128) * 128, -(-s // 128) * 128
+    bq, bkv = _divisor_block(tp, block), _divisor_block(sp, block)
     sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq, block_kv_dkv=bkv,
                           block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
-    causal = sm.MultiHeadMask([sm.CausalMask((t, s), offset=mask.q_start) for _ in range(g)])
+    causal = sm.MultiHeadMask([sm.CausalMask((tp, sp), offset=mask.q_start) for _ in range(g)])
     kernel = sk.make_splash_mqa(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
     q_start = mask.q_start
 
     def run(q_btkgx, k_bskx, v_bskx, valid_bs):
         seg_kv = valid_bs.astype(jnp.int32)
-        seg_q = jax.lax.dynamic_slice_in_dim(seg_kv, q_start, t, axis=1)
+        seg_q = jax.lax.dynamic_slice_in_dim(jnp.pad(seg_kv, ((0, 0), (0, tp))), q_start, tp, axis=1)
         q_bkgtx = (q_btkgx * (x ** -0.5)).astype(q_btkgx.dtype).transpose(0, 2, 3, 1, 4)
 
         def one_row(q_kgtx, k_skx, v_skx, sq_t, skv_s):
@@ -241,14 +244,16 @@ def splash_attention(q_bthx, k_bskx, v_bskx, mask: SlotMask, *, block: int = BLO
         out_bkgtx = jax.vmap(one_row)(q_bkgtx, k_bskx, v_bskx, seg_q, seg_kv)
         return out_bkgtx.transpose(0, 3, 1, 2, 4)
 
-    q_btkgx = q_bthx.reshape(b, t, kh, g, x)
+    q_btkgx = jnp.pad(q_bthx.reshape(b, t, kh, g, x), ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)))
+    k_bskx, v_bskx = (jnp.pad(a, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for a in (k_bskx, v_bskx))
+    valid_bs = jnp.pad(mask.valid_bs, ((0, 0), (0, sp - s)))
     mesh = current_mesh()
     if mesh is not None:
         kv_spec = spec_for_shape(("batch", None, "act_kv_heads", None), k_bskx.shape, mesh)
         q_spec = jax.sharding.PartitionSpec(kv_spec[0], None, kv_spec[2], None, None)
         run = jax.shard_map(run, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, jax.sharding.PartitionSpec(kv_spec[0])),
                             out_specs=q_spec, check_vma=False)
-    return run(q_btkgx, k_bskx, v_bskx, mask.valid_bs).reshape(b, t, h, x)
+    return run(q_btkgx, k_bskx, v_bskx, valid_bs)[:, :t].reshape(b, t, h, x)
 
 
 def _divisor_block(n: int, block: int) -> int:
@@ -282,7 +287,7 @@ def resolve_attention(impl: str, s: int, platform: str | None = None) -> str:
     if s <= AUTO_DENSE_MAX_SLOTS:
         return "dense"
     platform = jax.default_backend() if platform is None else platform
-    return "splash" if platform == "tpu" and s % 128 == 0 else "blockwise"
+    return "splash" if platform == "tpu" else "blockwise"
 
 
 def make_attend(impl: str, mask):
@@ -291,7 +296,7 @@ def make_attend(impl: str, mask):
     if not isinstance(mask, SlotMask):
         return lambda q, k, v: dense_attention(q, k, v, mask)
     kind = resolve_attention(impl, mask.valid_bs.shape[1])
-    if kind == "splash" and impl == "auto" and (mask.q_start is None or mask.q_slot_bt.shape[1] % 128):
+    if kind == "splash" and impl == "auto" and mask.q_start is None:
         kind = "blockwise"  # e.g. a chunk against a cache at a traced index: splash needs a static mask
     if kind == "dense":
         mask_bts = mask.dense()  # built once, outside the layer scan

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint I/O: `from_pretrained` (sharded from the first byte) and `save_pretrained`.
 
 Each of our parameters is a fixed reshape + transpose of HF tensors (stacked over layers for block weights), so a
-device's shard of a parameter is read straight from the safetensors memmap for just the index it owns.
+device's shard of a parameter is read straight from the safetensors file (the `safetensors` package's memory-mapped
+`get_slice`) for just the index it owns.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 
 from lad_jax import distributed
 from lad_jax.models.config import DTYPES, ModelConfig
-from lad_jax.models.safetensors_io import SafetensorsDir, write_file
 from lad_jax.models.transformer import Transformer, block_param_specs, top_param_specs
 
 
@@ -59,12 +61,55 @@ def param_mappings(c: ModelConfig) -> dict[str, Mapping]:
     return {k: v for k, v in m.items() if k in names}
 
 
+class SafetensorsDir:
+    """All tensors of a checkpoint directory (single file or sharded with `model.safetensors.index.json`), opened
+    with `safetensors.safe_open` in numpy mode: bf16 comes back as ml_dtypes.bfloat16 and nothing touches an
+    accelerator."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(p for p in os.listdir(directory) if p.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {directory}")
+        self._slices = {}
+        for name in files:
+            handle = safetensors.safe_open(os.path.join(directory, name), framework="numpy")
+            for key in handle.keys():
+                self._slices[key] = handle.get_slice(key)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._slices
+
+    def keys(self):
+        return self._slices.keys()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slices[name].get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` (plain start:stop slices, one per dim), reading only those bytes."""
+        if name not in self._slices:
+            raise KeyError(f"tensor {name!r} not found in the safetensors files of {self.directory}")
+        shape = self.shape(name)
+        bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+        if any(hi <= lo for lo, hi in bounds):
+            # safetensors rejects empty slices; the dtype does not matter, the caller casts to the parameter dtype.
+            return np.zeros([max(hi - lo, 0) for lo, hi in bounds], np.float32)
+        return np.asarray(self._slices[name][tuple(slice(lo, hi) for lo, hi in bounds)])
+
+
 def _hf_shape(mp: Mapping) -> tuple[int, ...]:
     return tuple(math.prod(mp.inter_shape[i] for i in g) for g in mp.groups)
 
 
-def _read_slice(arr: np.ndarray, mp: Mapping, my_index: tuple[slice, ...], my_shape: tuple[int, ...]) -> np.ndarray:
-    """Read only the part of HF tensor `arr` that becomes `ours[my_index]`."""
+def _read_slice(files: SafetensorsDir, hf_name: str, mp: Mapping, my_index: tuple[slice, ...],
+                my_shape: tuple[int, ...]) -> np.ndarray:
+    """Read only the part of HF tensor `hf_name` that becomes `ours[my_index]`."""
     inter = [slice(None)] * len(mp.inter_shape)
     for j, s in enumerate(my_index):
         inter[mp.perm[j]] = slice(*s.indices(my_shape[j])[:2])
@@ -75,7 +120,7 @@ def _read_slice(arr: np.ndarray, mp: Mapping, my_index: tuple[slice, ...], my_sh
         hf_index.append(slice(lead.start * inner, lead.stop * inner))
         post_shape.extend([lead.stop - lead.start] + [mp.inter_shape[i] for i in group[1:]])
         post_index.extend([slice(None)] + [inter[i] for i in group[1:]])
-    out = np.asarray(arr[tuple(hf_index)]).reshape(post_shape)[tuple(post_index)]
+    out = files.read(hf_name, tuple(hf_index)).reshape(post_shape)[tuple(post_index)]
     return np.transpose(out, mp.perm)
 
 
@@ -89,10 +134,10 @@ def _make_reader(files: SafetensorsDir, name: str, mp: Mapping, shape: tuple[int
     def read(index) -> np.ndarray:
         index = _index_tuple(index, len(shape))
         if not stacked:
-            out = _read_slice(files.array(mp.hf_name), mp, index, shape)
+            out = _read_slice(files, mp.hf_name, mp, index, shape)
         else:
             lo, hi = index[0].indices(shape[0])[:2]
-            out = np.stack([_read_slice(files.array(mp.hf_name.format(i=i)), mp, index[1:], shape[1:])
+            out = np.stack([_read_slice(files, mp.hf_name.format(i=i), mp, index[1:], shape[1:])
                             for i in range(lo, hi)])
         return out.astype(dtype)
     return read
@@ -222,7 +267,9 @@ def save_pretrained(model: Transformer, path: str, *, max_shard_size="5GB", dtyp
 
     def flush():
         tmp = os.path.join(path, f".tmp-{len(written):05d}.safetensors")
-        write_file(tmp, current)
+        # "format": "pt" is what transformers expects in the header metadata of a torch-loadable checkpoint.
+        safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in current.items()}, tmp,
+                                    metadata={"format": "pt"})
         written.append((tmp, list(current)))
 
     for name, arr in hf_tensors(model, np_dtype):
