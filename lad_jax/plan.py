@@ -330,6 +330,9 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, grou
     from lad_jax.config import check_devices
     from lad_jax.sharding import make_mesh
 
+    if c.rollout.decode_slots:
+        raise PlanError(f"rollout.decode_slots={c.rollout.decode_slots}: the plan does not compile the "
+                        "continuous-batching sampler yet; plan the static rollout with rollout.decode_slots=0")
     shape = check_devices(c, len(devices))
     mesh = make_mesh(*shape, devices=devices)
     planner = Planner(c, mesh, log)

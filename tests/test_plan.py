@@ -95,3 +95,9 @@ def test_topology_table_sizes():
         chips = int(np.prod([int(x) for x in topo.split(":")[1].split("x")]))
         n = int(name.rsplit("-", 1)[1])
         assert chips == (n // 2 if name.startswith(("v4", "v5p")) else n), name
+
+
+def test_continuous_batching_is_refused_not_misreported(capsys):
+    # the static sampler's phases would be the wrong programs for rollout.decode_slots > 0
+    assert plan.main(["--config", TINY, "--devices", "8", "rollout.decode_slots=8"]) == 2
+    assert "rollout.decode_slots=8" in capsys.readouterr().err
