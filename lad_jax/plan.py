@@ -333,10 +333,14 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, grou
     if c.rollout.decode_slots:
         raise PlanError(f"rollout.decode_slots={c.rollout.decode_slots}: the plan does not compile the "
                         "continuous-batching sampler yet; plan the static rollout with rollout.decode_slots=0")
-    shape = check_devices(c, len(devices))
+    from lad_jax.models.attention import target_platform
+
+    platform = devices[0].platform
+    shape = check_devices(c, len(devices), platform)
     mesh = make_mesh(*shape, devices=devices)
-    planner = Planner(c, mesh, log)
-    phases = planner.run_all(groups)
+    with target_platform(platform):  # model.attention=auto picks the target's kernels (splash on TPU)
+        planner = Planner(c, mesh, log)
+        phases = planner.run_all(groups)
     limit = usable_hbm_bytes(devices, hbm_gib)
     rows = []
     for p in phases:

@@ -9,7 +9,7 @@ from flax import nnx
 from lad_jax.config import ConfigError, check_devices, load_config
 from lad_jax.models import ModelConfig, Transformer, init_cache, tiny_config
 from lad_jax.models.attention import (SlotMask, blockwise_attention, causal_mask, dense_attention,
-                                      resolve_attention, splash_attention)
+                                      resolve_attention, splash_attention, target_platform)
 from lad_jax.train_step import sequence_logprobs
 
 
@@ -87,6 +87,12 @@ def test_auto_picks_dense_short_blockwise_long_splash_on_tpu():
     assert resolve_attention("auto", 4096, "gpu") == "blockwise"
     assert resolve_attention("auto", 4096, "tpu") == "splash"
     assert resolve_attention("dense", 4096, "tpu") == "dense"
+    # the plan compiles for a TPU topology from a CPU process: `auto` must pick the target's kernel, not the host's
+    assert resolve_attention("auto", 4096) == "blockwise"
+    with target_platform("tpu"):
+        assert resolve_attention("auto", 4096) == "splash"
+        assert resolve_attention("auto", 256) == "dense"
+    assert resolve_attention("auto", 4096) == "blockwise"
 
 
 def _tiny(attention):

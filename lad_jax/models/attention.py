@@ -10,6 +10,8 @@ kernel builds the part it needs; `SlotMask.dense()` is the `[b, t, s]` bool the 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 
@@ -236,12 +238,16 @@ def splash_attention(q_bthx, k_bskx, v_bskx, mask: SlotMask, *, block: int = BLO
         seg_q = jax.lax.dynamic_slice_in_dim(jnp.pad(seg_kv, ((0, 0), (0, tp))), q_start, tp, axis=1)
         q_bkgtx = (q_btkgx * (x ** -0.5)).astype(q_btkgx.dtype).transpose(0, 2, 3, 1, 4)
 
-        def one_row(q_kgtx, k_skx, v_skx, sq_t, skv_s):
+        # vmapped axes lead every operand: a vmap over an inner axis becomes a squeezed block dim between the
+        # sequence and head dims, which Mosaic (the TPU lowering; interpret mode does not check) refuses.
+        k_bksx, v_bksx = k_bskx.transpose(0, 2, 1, 3), v_bskx.transpose(0, 2, 1, 3)
+
+        def one_row(q_kgtx, k_ksx, v_ksx, sq_t, skv_s):
             seg = sk.SegmentIds(q=sq_t, kv=skv_s)
             per_head = lambda q_gtx, k_sx, v_sx: kernel(q_gtx, k_sx, v_sx, segment_ids=seg)  # noqa: E731
-            return jax.vmap(per_head, in_axes=(0, 1, 1))(q_kgtx, k_skx, v_skx)
+            return jax.vmap(per_head)(q_kgtx, k_ksx, v_ksx)
 
-        out_bkgtx = jax.vmap(one_row)(q_bkgtx, k_bskx, v_bskx, seg_q, seg_kv)
+        out_bkgtx = jax.vmap(one_row)(q_bkgtx, k_bksx, v_bksx, seg_q, seg_kv)
         return out_bkgtx.transpose(0, 3, 1, 2, 4)
 
     q_btkgx = jnp.pad(q_bthx.reshape(b, t, kh, g, x), ((0, 0), (0, tp - t), (0, 0), (0, 0), (0, 0)))
@@ -278,15 +284,31 @@ def cudnn_attention(q_bthx, k_bskx, v_bskx, mask: SlotMask):
 
 # ---- selection ----------------------------------------------------------------------------------------------------
 
+# The platform `auto` picks kernels for while compiling for devices that are not this process's backend (the plan
+# compiles for a TPU topology from a CPU process); None = jax's default backend.
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("attention_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str | None):
+    """Within this block `auto` resolves for `platform` ('tpu', 'gpu', 'cpu'). Set it around tracing only: a jitted
+    function traced under one platform is not retraced under another."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
+
+
 def resolve_attention(impl: str, s: int, platform: str | None = None) -> str:
-    """The kernel `impl` means for `s` key slots on `platform` (default: jax's default backend)."""
+    """The kernel `impl` means for `s` key slots on `platform` (default: `target_platform`'s, else jax's backend)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention={impl!r} is not supported; use one of {ATTENTION_IMPLS}")
     if impl != "auto":
         return impl
     if s <= AUTO_DENSE_MAX_SLOTS:
         return "dense"
-    platform = jax.default_backend() if platform is None else platform
+    platform = platform or _TARGET_PLATFORM.get() or jax.default_backend()
     return "splash" if platform == "tpu" else "blockwise"
 
 
