@@ -79,6 +79,12 @@ out = sampler.generate(model, PROMPTS, max_new_tokens=6, num_samples=2, temperat
 assert sampler.prefill_rows() == {"calls": 1, "rows": len(PROMPTS)}  # each prompt prefilled once over both hosts
 np.savez(sys.argv[3] + f"/gen{jax.process_index()}.npz", tokens=np.asarray(out.tokens_bt),
          logprobs=np.asarray(out.logprobs_bt), lengths=np.asarray(out.lengths_b))
+from lad_jax.sampler_continuous import generate_continuous
+# 8 requests through 4 slots (one per data x fsdp shard, each shard's slots on both hosts' devices)
+cont = generate_continuous(model, PROMPTS, max_new_tokens=6, num_samples=2, temperature=1.0, seed=7, mesh=mesh,
+                           decode_slots=4)
+np.savez(sys.argv[3] + f"/cont{jax.process_index()}.npz", tokens=np.asarray(cont.tokens_bt),
+         logprobs=np.asarray(cont.logprobs_bt), lengths=np.asarray(cont.lengths_b))
 print("OK", jax.process_index())
 '''
 
@@ -100,11 +106,13 @@ def test_global_arrays_and_scoring_across_two_processes(tmp_path):
     mesh = make_mesh(1, 4, 2)
     ref = sampler.generate(create_tiny(mesh), PROMPTS, max_new_tokens=6, num_samples=2, temperature=1.0, seed=7,
                            mesh=mesh)
+    # and continuous batching across both hosts draws the same tokens as the static sampler (issue 13's contract)
     for i in range(2):
-        got = np.load(tmp_path / f"gen{i}.npz")
-        np.testing.assert_array_equal(got["tokens"], np.asarray(ref.tokens_bt))
-        np.testing.assert_array_equal(got["lengths"], np.asarray(ref.lengths_b))
-        np.testing.assert_allclose(got["logprobs"], np.asarray(ref.logprobs_bt), atol=1e-6)
+        for name, atol in (("gen", 1e-6), ("cont", 1e-5)):
+            got = np.load(tmp_path / f"{name}{i}.npz")
+            np.testing.assert_array_equal(got["tokens"], np.asarray(ref.tokens_bt), err_msg=name)
+            np.testing.assert_array_equal(got["lengths"], np.asarray(ref.lengths_b), err_msg=name)
+            np.testing.assert_allclose(got["logprobs"], np.asarray(ref.logprobs_bt), atol=atol, err_msg=name)
 
 
 def test_distributed_on_without_a_cluster_names_the_keys(tmp_path):
