@@ -75,12 +75,13 @@ def make_mesh(data: int = 1, fsdp: int | None = None, tensor: int = 1, *, device
         raise ValueError(f"make_mesh: data*fsdp*tensor={total} but {len(devices)} devices are available; "
                          "use -1 for one axis to fill the rest")
     shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)  # jax.make_mesh defaults to Explicit; our code shards via Auto
     try:
-        from jax.experimental import mesh_utils
-        dev_array = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # non-TPU topologies without a known physical layout
-        dev_array = np.asarray(devices).reshape(shape)
-    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        # jax.make_mesh orders devices by the TPU's physical topology (a plain reshape on CPU/GPU); the checks above
+        # stay ours because it silently drops surplus devices and has no -1 fill
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except Exception:  # TPU device subsets without a known physical layout, multi-slice device lists
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(names: Iterable[str | None], mesh: Mesh | None = None, rules: dict | None = None) -> P:
