@@ -21,6 +21,17 @@ from lad_jax.config_checks import (  # noqa: F401  (re-exported: one place for n
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    # LoRA (lad_jax/models/lora.py): rank 0 = full fine-tuning. With rank > 0 only the adapters are trained, held in
+    # the optimizer and checkpointed; the base stays as init_from (or the from-scratch init) loaded it.
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # only 0 (see config_checks: dropout would make pi_theta != pi_old on-policy)
+    targets: str = "wq|wk|wv|wo|w_gate|w_up|w_down"  # regex, full match over our projection names
+    quantize_base: str = "none"
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     # Architecture of a from-scratch model; must stay null when `init_from` names an HF checkpoint.
     model_type: str | None = None
@@ -40,6 +51,7 @@ class ModelSection:
     attention: str = "auto"
     tokenizer: str | None = None  # HF tokenizer dir; null = from init_from or built by the task
     logprob_chunk_size: int = 256
+    lora: LoraSection = LoraSection()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,6 +62,7 @@ def validate(c) -> None:
     _choice(m.remat, ("none", "full", "dots"), "model.remat")
     _choice(m.attention, ATTENTION_IMPLS, "model.attention")
     _positive(m.logprob_chunk_size, "model.logprob_chunk_size")
+    _check_lora(c)
     if c.task.name == "none" and m.tokenizer is None and c.init_from is None:
         raise ConfigError("model.tokenizer is null, init_from is null and task.name='none': nothing provides a "
                           "tokenizer; set model.tokenizer to an HF tokenizer dir")
@@ -210,3 +211,35 @@ def check_devices(c, num_devices: int, platform: str | None = None) -> tuple[int
             raise ConfigError(f"{key}={value} is not divisible by the batch axes mesh.data*mesh.fsdp={n}; "
                               f"use a multiple of {n} or a smaller mesh")
     return d, f, _
+
+
+QUANTIZE_BASE = ("none",)
+
+
+def _check_lora(c) -> None:
+    import re
+
+    from lad_jax.models.lora import PROJECTIONS, resolve_targets
+
+    lo = c.model.lora
+    if lo.rank < 0:
+        raise ConfigError(f"model.lora.rank={lo.rank} must be >= 0 (0 = full fine-tuning)")
+    if lo.rank == 0:
+        return
+    _positive(lo.alpha, "model.lora.alpha")
+    if lo.dropout != 0.0:
+        raise ConfigError(f"model.lora.dropout={lo.dropout} is not supported: dropout in the training forward makes "
+                          "pi_theta differ from the sampler's pi_old on-policy, which biases the LAD/GRPO ratios; "
+                          "set model.lora.dropout=0")
+    try:
+        targets = resolve_targets(lo.targets)
+    except re.error as e:
+        raise ConfigError(f"model.lora.targets={lo.targets!r} is not a valid regex ({e})") from None
+    if not targets:
+        raise ConfigError(f"model.lora.targets={lo.targets!r} matches none of the projections {PROJECTIONS}; "
+                          "e.g. 'wq|wv' or 'w[qkvo]|w_(gate|up|down)'")
+    _choice(lo.quantize_base, QUANTIZE_BASE, "model.lora.quantize_base")
+    if c.task.name == "numbers" and c.task.sft_steps > 0:
+        raise ConfigError(f"model.lora.rank={lo.rank} with task.sft_steps={c.task.sft_steps}: the warm start trains "
+                          "the base weights, which a LoRA run neither trains nor checkpoints; set task.sft_steps=0 "
+                          "(or export a warm-started model and pass it as init_from)")

@@ -307,6 +307,20 @@ def _model(c, tokenizer, mesh, args):
         return model, {"hf_model": c.init_from}
     import jax
 
+    manager = CheckpointManager(_checkpoint_dir(args.checkpoint), save_every=1, keep_last=1, read_only=True)
+    step = manager.latest_step() if args.step is None else args.step
+    if step is None:
+        raise SystemExit(f"no finished checkpoint in {args.checkpoint}")
+    if c.model.lora.rank > 0:
+        # A LoRA checkpoint holds only the adapters: the base is rebuilt as the run built it (init_from or seed).
+        from lad_jax.models import lora
+
+        graphdef, abs_state = nnx.split(build_model(c, tokenizer, mesh))
+        trainable, frozen = lora.split_params(nnx.to_pure_dict(abs_state), True)
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), trainable)
+        state, _ = manager.restore(step, {"params": target}, partial=True)
+        nnx.replace_by_pure_dict(abs_state, lora.merge_params(frozen, state["params"]))
+        return nnx.merge(graphdef, abs_state), {"checkpoint": args.checkpoint, "step": int(step)}
     if c.init_from is not None:  # the architecture comes from the checkpoint the run started from
         arch = load_config(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                            attention=m.attention)
@@ -317,10 +331,6 @@ def _model(c, tokenizer, mesh, args):
     shardings = param_shardings(abs_state, mesh)
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           nnx.to_pure_dict(abs_state), shardings)
-    manager = CheckpointManager(_checkpoint_dir(args.checkpoint), save_every=1, keep_last=1, read_only=True)
-    step = manager.latest_step() if args.step is None else args.step
-    if step is None:
-        raise SystemExit(f"no finished checkpoint in {args.checkpoint}")
     state, _ = manager.restore(step, {"params": target}, partial=True)
     nnx.replace_by_pure_dict(abs_state, state["params"])
     return nnx.merge(graphdef, abs_state), {"checkpoint": args.checkpoint, "step": int(step)}

@@ -111,7 +111,7 @@ def model_config(c):
     built-in table of hub ids; a from-scratch model takes its vocabulary from the task's tokenizer."""
     from lad_jax.models import ModelConfig
     from lad_jax.models.known_configs import known_hf_config
-    from lad_jax.train_setup import scratch_model_config
+    from lad_jax.train_setup import lora_spec, scratch_model_config
 
     m = c.model
     if c.init_from is not None:
@@ -127,7 +127,7 @@ def model_config(c):
                                 f"({', '.join(sorted(known_configs.HF_CONFIGS))}); pass a directory holding its "
                                 "config.json")
         return ModelConfig.from_hf_config(hf, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
-                                          attention=m.attention)
+                                          attention=m.attention).replace(lora=lora_spec(c))
     if c.task.name == "numbers":
         import tempfile
 
@@ -185,8 +185,7 @@ class Planner:
         # train_objects only reads shapes and shardings from the model, so the abstract one gives the real ones.
         self.graphdef, params, self.tx, self.schedule, self.shardings = train_setup.train_objects(
             c, abstract_model, mesh)
-        shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.tx.init(p),
-                                           "step": jax.numpy.zeros((), jax.numpy.int32)}, params)
+        shapes = jax.eval_shape(lambda p: ts.init_train_state(self.tx, p, self.shardings), params)
         self.state = _abstract(shapes, self.shardings)
         self.step_fn = ts.TrainStep(c, self.graphdef, self.tx, self.schedule, mesh, self.shardings)
         self.opt_bytes = _bytes_per_chip({"opt_state": self.state["opt_state"], "step": self.state["step"]})
@@ -231,10 +230,10 @@ class Planner:
         import jax.numpy as jnp
 
         from lad_jax.experience import prompt_bucket
-        from lad_jax.train_step import batch_sharding, make_logprob_fn
+        from lad_jax.train_step import batch_sharding, full_params, make_logprob_fn
 
         c = self.c
-        fn = make_logprob_fn(self.graphdef, self.mesh, self.shardings["params"], c.rollout.temperature,
+        fn = make_logprob_fn(self.graphdef, self.mesh, full_params(self.shardings), c.rollout.temperature,
                              c.model.logprob_chunk_size)
         rows = batch_sharding(self.mesh, 2, lead=0)
         shape = (c.batch_size, prompt_bucket(c) + c.rollout.max_new_tokens)
@@ -242,7 +241,7 @@ class Planner:
 
         def lower():
             with jax.set_mesh(self.mesh):
-                return fn.lower(self.state["params"], *args)
+                return fn.lower(full_params(self.state), *args)
         return self._compile("recompute", lower, self.opt_bytes)
 
     def generate(self, label: str, prompts: int, samples: int, prompt_bucket: int, max_new_tokens: int,
@@ -254,7 +253,9 @@ class Planner:
         worst moment (the last layer, every earlier one already grown)."""
         from lad_jax import sampler_plan
 
-        params_bytes = _bytes_per_chip(self.state["params"])
+        from lad_jax.train_step import full_params
+
+        params_bytes = _bytes_per_chip(full_params(self.state))
         weights_bytes = 0
         state_bytes = 0  # the sampler state (cache and token buffers) the previous phase left
         grown_k = 0  # bytes the k buffers gained in this window's growth
@@ -352,6 +353,7 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, grou
         "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
         "usable_hbm_bytes": limit,
         "train_state_bytes": _bytes_per_chip(planner.state),
+        "optimizer_state_bytes": _bytes_per_chip(planner.state["opt_state"]),
         "phases": rows,
         "fits": None if None in verdicts else all(verdicts),
     }
@@ -373,7 +375,8 @@ def format_report(report: dict[str, Any]) -> str:
 
     lines = [f"{report['devices']} x {report['device_kind']} ({report['platform']}), mesh {mesh}; per chip, {unit}; "
              f"usable HBM {'unknown' if limit is None else f'{limit / scale:.2f}'}; "
-             f"train state {report['train_state_bytes'] / scale:.3f}",
+             f"train state {report['train_state_bytes'] / scale:.3f} "
+             f"(optimizer {report['optimizer_state_bytes'] / scale:.3f})",
              f"{'phase':<22}{'args':>9}{'outputs':>9}{'alias':>9}{'temps':>9}{'peak':>9}{'+state':>9}{'total':>9}"
              f"{'compile_s':>10}  verdict"]
     for p in report["phases"]:

@@ -17,7 +17,7 @@ from flax import nnx, struct
 from lad_jax.models.attention import causal_mask
 from lad_jax.models.cache import (CACHE_LOGICAL_AXES, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS,
                                   init_cache, unstack_cache)
-from lad_jax.models.transformer import block_param_specs, top_param_specs
+from lad_jax.models.transformer import layer_param_specs, top_param_specs
 from lad_jax.sampling import SamplingMode, SamplingParams, sample_tokens_from_uniform
 from lad_jax.sharding import DECODE_WEIGHT_RULES, constrain
 
@@ -88,7 +88,7 @@ def _decode_weights_impl(graphdef, state):
     TRACES["decode_weights"] += 1
     model = nnx.merge(graphdef, state)
     c = model.config
-    names = {name: axes[1:] for name, (_, axes, _) in block_param_specs(c).items()}  # without the layers axis
+    names = {name: axes[1:] for name, (_, axes, _) in layer_param_specs(c).items()}  # without the layers axis
     layers = tuple({name: constrain(w.astype(c.jnp_dtype), names[name], DECODE_WEIGHT_RULES) for name, w in p.items()}
                    for p in model.layer_params())
     top = {name: constrain(getattr(model, name)[...].astype(c.jnp_dtype), axes, DECODE_WEIGHT_RULES)

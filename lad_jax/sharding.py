@@ -27,6 +27,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "lora_rank": None,
     # activations: the model width of hidden states stays unsharded so fsdp only shards the batch.
     "act_embed": None,
     "act_vocab": "tensor",

@@ -76,13 +76,21 @@ def reward_specs(c: Config) -> list[tuple[str, float, dict]]:
     return specs
 
 
+def lora_spec(c: Config):
+    """The model's `LoraSpec` from `model.lora`, or None (rank 0: full fine-tuning)."""
+    from lad_jax.models.lora import LoraSpec, resolve_targets
+
+    lo = c.model.lora
+    return None if lo.rank == 0 else LoraSpec(rank=lo.rank, alpha=lo.alpha, targets=resolve_targets(lo.targets))
+
+
 def build_model(c: Config, tokenizer, mesh):
     from lad_jax.models import create_model, from_pretrained
 
     m = c.model
     if c.init_from is not None:
         model = from_pretrained(c.init_from, dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh, remat=m.remat,
-                                attention=m.attention)
+                                attention=m.attention, lora_spec=lora_spec(c), seed=c.seed)
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but init_from's vocab_size is "
                               f"{model.config.vocab_size}; use the checkpoint's own tokenizer (model.tokenizer)")
@@ -102,18 +110,21 @@ def scratch_model_config(c: Config, vocab_size: int, eos_id: int, pad_id: int | 
                        max_position_embeddings=m.max_position_embeddings, tie_word_embeddings=m.tie_word_embeddings,
                        qkv_bias=m.model_type == "qwen2", qk_norm=m.model_type == "qwen3",
                        eos_token_ids=(eos_id,), pad_token_id=pad_id,
-                       param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention)
+                       param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention,
+                       lora=lora_spec(c))
 
 
 def train_objects(c: Config, model, mesh):
-    """(graphdef, params pure dict, optax tx, lr schedule, train-state shardings) for `model` on `mesh`."""
+    """(graphdef, params pure dict, optax tx, lr schedule, train-state shardings) for `model` on `mesh`; params are
+    all the model's (`train_step.init_train_state` splits off the frozen base under LoRA)."""
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     params_sh = ts.param_shardings(state, mesh)
     schedule = ts.make_schedule(c)
     tx = ts.make_optimizer(c, schedule)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    return graphdef, params, tx, schedule, ts.train_state_shardings(tx, abstract, params_sh, mesh)
+    return graphdef, params, tx, schedule, ts.train_state_shardings(tx, abstract, params_sh, mesh,
+                                                                    lora_adapters=model.config.lora is not None)
 
 
 def build(c: Config) -> Setup:

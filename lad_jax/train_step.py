@@ -2,7 +2,9 @@
 
 Train state: a plain dict pytree ``{"params": <pure dict>, "opt_state": <optax state>, "step": int32[]}``; params
 are the model's `nnx.to_pure_dict` and are merged back with the graphdef inside the traced function, so the
-sampler and the trainer share one set of arrays.
+sampler and the trainer share one set of arrays. With LoRA (`model.lora.rank > 0`) "params" holds only the adapters
+(all the optimizer sees) and a fourth entry "frozen" holds the base weights; `full_params(state)` joins them. The
+checkpoint leaves "frozen" out: the base is rebuilt from `init_from` on resume.
 
 A step consumes one minibatch laid out as ``[n_micro, m, t]`` (micro-batches on the leading axis; rows sharded over
 the data axes). Gradients of each micro-batch's loss *numerator* are summed by a `lax.scan` and divided once by the
@@ -26,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lad_jax import losses
 from lad_jax.config import Config
 from lad_jax.models import token_logprobs
+from lad_jax.models import lora
 from lad_jax.models.attention import causal_mask
 from lad_jax.sharding import state_shardings
 
@@ -72,20 +75,45 @@ def param_shardings(abstract_model_state, mesh: Mesh):
     return nnx.to_pure_dict(state_shardings(abstract_model_state, mesh))
 
 
-def train_state_shardings(tx, abstract_params, params_sh, mesh: Mesh):
-    """Shardings for the whole train state: optimizer moments follow their parameter, the rest is replicated."""
+def train_state_shardings(tx, abstract_params, params_sh, mesh: Mesh, *, lora_adapters: bool = False):
+    """Shardings for the whole train state: optimizer moments follow their parameter, the rest is replicated.
+
+    `abstract_params`/`params_sh` cover all the model's params; with `lora_adapters` they are split into the
+    trained adapters ("params") and the frozen base ("frozen")."""
     replicated = NamedSharding(mesh, P())
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sh,
+    trainable, _ = lora.split_params(abstract_params, lora_adapters)
+    trainable_sh, frozen_sh = lora.split_params(params_sh, lora_adapters)
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, trainable_sh,
                                    transform_non_params=lambda _: replicated)
-    return {"params": params_sh, "opt_state": opt_sh, "step": replicated}
+    out = {"params": trainable_sh, "opt_state": opt_sh, "step": replicated}
+    if lora_adapters:
+        out["frozen"] = frozen_sh
+    return out
+
+
+def full_params(state: dict):
+    """All the model's params (pure dict) of a train state, or all the param shardings of its shardings."""
+    return lora.merge_params(state["frozen"] if "frozen" in state else {}, state["params"])
 
 
 def init_train_state(tx, params, shardings):
-    """Optimizer state built directly on its shardings (eval_shape -> shardings -> jit(init, out_shardings))."""
+    """The train state of the model's `params` (all of them), built directly on its shardings (eval_shape ->
+    shardings -> jit(init, out_shardings))."""
+    adapters = "frozen" in shardings
+
     def init(p):
-        return {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
-    return jax.jit(init, in_shardings=(shardings["params"],), out_shardings=shardings)(params)
+        trainable, frozen = lora.split_params(p, adapters)
+        state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
+        if adapters:
+            state["frozen"] = frozen
+        return state
+    return jax.jit(init, in_shardings=(full_params(shardings),), out_shardings=shardings)(params)
+
+
+def checkpointed(state: dict) -> dict:
+    """What a checkpoint holds of a train state: all of it but the frozen base."""
+    return {k: v for k, v in state.items() if k != "frozen"}
 
 
 def sequence_logprobs(graphdef, params, tokens_bt, positions_bt, valid_bt, *, temperature: float,
@@ -117,7 +145,7 @@ class TrainStep:
         temperature = c.rollout.temperature
         chunk = c.model.logprob_chunk_size
 
-        def step_fn(state, batch):
+        def step_fn(state, frozen, batch):
             self.compiles += 1  # runs only while tracing
             params = state["params"]
 
@@ -125,8 +153,9 @@ class TrainStep:
                 grads_acc, num_acc, den_acc, wsum = carry
 
                 def loss_fn(p):
-                    logp, ent = sequence_logprobs(graphdef, p, mb["tokens_bt"], mb["positions_bt"],
-                                                  mb["valid_bt"], temperature=temperature, chunk_size=chunk)
+                    logp, ent = sequence_logprobs(graphdef, lora.merge_params(frozen, p), mb["tokens_bt"],
+                                                  mb["positions_bt"], mb["valid_bt"], temperature=temperature,
+                                                  chunk_size=chunk)
                     num, den, met = losses.policy_loss(logp, mb["old_logp_bt"], mb["advantages_b"],
                                                        mb["response_bt"], entropy_bt=jax.lax.stop_gradient(ent),
                                                        **kwargs)
@@ -163,17 +192,28 @@ class TrainStep:
         replicated = NamedSharding(mesh, P())
         self.batch_shardings = bsh
         self.mesh = mesh
-        self._fn = jax.jit(step_fn, in_shardings=(shardings, bsh), out_shardings=(shardings, replicated),
-                           donate_argnums=(0,))
+        # The frozen LoRA base is an argument of its own: read, never donated or returned.
+        frozen_sh = shardings["frozen"] if "frozen" in shardings else {}
+        updated_sh = checkpointed(shardings)
+        self._fn = jax.jit(step_fn, in_shardings=(updated_sh, frozen_sh, bsh),
+                           out_shardings=(updated_sh, replicated), donate_argnums=(0,))
+
+    @staticmethod
+    def _split(state):
+        return checkpointed(state), (state["frozen"] if "frozen" in state else {})
 
     # Traced under the mesh so the model's logical-axis constraints (`sharding.constrain`) take effect.
     def __call__(self, state, batch: dict[str, Any]):
+        updated, frozen = self._split(state)
         with jax.set_mesh(self.mesh):
-            return self._fn(state, batch)
+            new, metrics = self._fn(updated, frozen, batch)
+        if "frozen" in state:
+            new["frozen"] = frozen
+        return new, metrics
 
     def lower(self, state, batch):
         with jax.set_mesh(self.mesh):
-            return self._fn.lower(state, batch)
+            return self._fn.lower(*self._split(state), batch)
 
 
 def make_logprob_fn(graphdef, mesh: Mesh, params_sh, temperature: float, chunk_size: int = 256):

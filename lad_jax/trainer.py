@@ -36,7 +36,9 @@ from lad_jax import train_setup as setup_lib
 from lad_jax.checkpoint import CheckpointError, CheckpointManager, install_preemption_handler
 from lad_jax.config import Config
 from lad_jax.metrics_log import MetricsWriter, WandbOptions
-from lad_jax.train_step import TrainStep, batch_sharding, init_train_state, make_logprob_fn
+from lad_jax.models import lora
+from lad_jax.train_step import (TrainStep, batch_sharding, checkpointed, full_params, init_train_state,
+                                make_logprob_fn)
 
 _NEVER = 10**9
 
@@ -80,7 +82,7 @@ class Trainer:
         self.step_fn = TrainStep(config, s.graphdef, s.tx, s.schedule, s.mesh, s.shardings)
         self.recompute = None
         if config.rollout.old_logprobs == "recompute":
-            fn = make_logprob_fn(s.graphdef, s.mesh, s.shardings["params"], config.rollout.temperature,
+            fn = make_logprob_fn(s.graphdef, s.mesh, full_params(s.shardings), config.rollout.temperature,
                                  config.model.logprob_chunk_size)
             self.recompute = functools.partial(self._recompute, fn)
         self.ckpt = CheckpointManager(config.checkpoint_dir, save_every=config.checkpoint.every or _NEVER,
@@ -100,23 +102,33 @@ class Trainer:
         rows = batch_sharding(self.s.mesh, 2, lead=0)
         arrays = [distributed.global_array(a, rows) for a in (tokens_bt, positions_bt, valid_bt)]
         with jax.set_mesh(self.s.mesh):
-            out = fn(self.state["params"], *arrays)
+            out = fn(full_params(self.state), *arrays)
         return distributed.to_host(out)
 
     # ---- state -----------------------------------------------------------------------------------------
     def policy(self):
         """An nnx model view of the current params (no copy): sampling and training share the arrays."""
-        return nnx.merge(self.s.graphdef, self.state["params"])
+        return nnx.merge(self.s.graphdef, full_params(self.state))
 
     def _abstract_state(self):
-        shapes = jax.eval_shape(lambda p: {"params": p, "opt_state": self.s.tx.init(p),
-                                           "step": jax.numpy.zeros((), jax.numpy.int32)}, self.s.params)
-        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes,
-                            self.s.shardings)
+        """The checkpointed part of the train state, abstract (what a restore fills in)."""
+        shapes = jax.eval_shape(lambda p: init_train_state(self.s.tx, p, self.s.shardings), self.s.params)
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), checkpointed(shapes),
+                            checkpointed(self.s.shardings))
+
+    def _restore(self):
+        """(step, train state, meta) of the newest checkpoint, or None; the frozen LoRA base comes from the setup."""
+        restored = self.ckpt.restore_latest(self._abstract_state(), log=self.log)
+        if restored is None:
+            return None
+        step, state, meta = restored
+        if "frozen" in self.s.shardings:
+            state["frozen"] = lora.split_params(self.s.params, True)[1]
+        return step, state, meta
 
     def _restore_or_init(self) -> int:
         c = self.c
-        restored = self.ckpt.restore_latest(self._abstract_state(), log=self.log) if c.checkpoint.resume else None
+        restored = self._restore() if c.checkpoint.resume else None
         if restored is not None:
             step, self.state, meta = restored
             self.loader.set_state(meta["data"])
@@ -162,7 +174,7 @@ class Trainer:
     def reevaluate(self) -> dict[str, float]:
         """Evaluates the newest checkpoint again, as the run's final eval did (asked for with `--reevaluate` on a
         finished run). Writes only `eval_step<N>.json`; metrics, TensorBoard and summary.json stay as they are."""
-        restored = self.ckpt.restore_latest(self._abstract_state(), log=self.log)
+        restored = self._restore()
         if restored is None:
             raise CheckpointError(f"--reevaluate: no checkpoint in {self.c.checkpoint_dir} to evaluate; "
                                   f"train first (python -m lad_jax.train without --reevaluate)")
@@ -241,10 +253,10 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(acc=f"{metrics['rollout/accuracy']:.2f}",
                                     distinct=f"{metrics['rollout/distinct_frac']:.2f}")
-                self.ckpt.save(step, self.state, meta=self._meta())
+                self.ckpt.save(step, checkpointed(self.state), meta=self._meta())
                 if agreed_stop(preempt.is_set()):
                     self.log(f"SIGTERM: saving step {step} and exiting")
-                    self.ckpt.save(step, self.state, meta=self._meta(), force=True)
+                    self.ckpt.save(step, checkpointed(self.state), meta=self._meta(), force=True)
                     stopped_early = True
                     break
         finally:
@@ -252,7 +264,7 @@ class Trainer:
                 bar.close()
             preempt.uninstall()
         if not stopped_early and step > start:
-            self.ckpt.save(step, self.state, meta=self._meta(), force=True)
+            self.ckpt.save(step, checkpointed(self.state), meta=self._meta(), force=True)
         self.ckpt.wait()
         if stopped_early:
             self.ckpt.close()

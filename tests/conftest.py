@@ -33,7 +33,8 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # end with one of them alone on a 2-minute test while the other is idle. Collection order is the same in every
 # worker (xdist requires it), and no test depends on the order.
 _SLOW_FIRST = ("test_multihost.py", "test_train_resume.py", "test_train_e2e.py", "test_sampler.py",
-               "test_notebooks.py", "test_distributed.py", "test_sampler_continuous.py", "test_train_step.py")
+               "test_notebooks.py", "test_distributed.py", "test_sampler_continuous.py", "test_lora.py",
+               "test_train_step.py")
 
 
 def pytest_collection_modifyitems(config, items):

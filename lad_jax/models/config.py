@@ -11,6 +11,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from lad_jax.config_checks import ATTENTION_IMPLS  # one source of names
+from lad_jax.models.lora import LoraSpec
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -59,6 +60,8 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    # LoRA adapters on the projections (`lad_jax.models.lora`); None = plain weights. Not part of config.json.
+    lora: LoraSpec | None = None
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -20,6 +20,7 @@ import safetensors.numpy
 from flax import nnx
 
 from lad_jax import distributed
+from lad_jax.models import lora
 from lad_jax.models.config import DTYPES, ModelConfig
 from lad_jax.models.transformer import Transformer, block_param_specs, top_param_specs
 
@@ -161,16 +162,18 @@ def load_config(path_or_repo_id: str, **kwargs) -> ModelConfig:
 
 
 def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float32", mesh=None,
-                    remat: str = "none", attention: str = "auto", rules: dict | None = None) -> Transformer:
+                    remat: str = "none", attention: str = "auto", rules: dict | None = None,
+                    lora_spec: lora.LoraSpec | None = None, seed: int = 0) -> Transformer:
     """Load an HF Qwen2/Qwen3/Llama checkpoint (local dir or hub repo id) into a `Transformer`.
 
     With `mesh`, every parameter is built with `jax.make_array_from_callback` from its NamedSharding (per the
-    logical-axis rules), so each device only ever receives its own shard.
+    logical-axis rules), so each device only ever receives its own shard. `lora_spec` adds LoRA adapters at their
+    initial values (a function of `seed`) beside the loaded weights.
     """
     directory = _resolve(path_or_repo_id)
     with open(os.path.join(directory, "config.json")) as f:
         config = ModelConfig.from_hf_config(json.load(f), param_dtype=param_dtype, dtype=dtype, remat=remat,
-                                            attention=attention)
+                                            attention=attention).replace(lora=lora_spec)
     files = SafetensorsDir(directory)
     mappings = param_mappings(config)
     stacked_names = set(block_param_specs(config))
@@ -201,7 +204,11 @@ def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float
     def build(path, var):
         name = path[-1]
         shape = tuple(var.shape)
-        reader = _make_reader(files, name, mappings[name], shape, name in stacked_names, np_dtype)
+        if lora.is_adapter(name):
+            init = lora.init_value(lora_spec, block_param_specs(config), name, seed)
+            reader = lambda index: init if index is None else init[index]  # noqa: E731
+        else:
+            reader = _make_reader(files, name, mappings[name], shape, name in stacked_names, np_dtype)
         if mesh is None:
             value = jnp.asarray(reader(None))
         else:
@@ -227,11 +234,16 @@ def _parse_size(size) -> int:
 
 
 def hf_tensors(model: Transformer, dtype=None):
-    """Yield (hf_name, numpy array) for every HF tensor of `model`, one parameter gathered at a time."""
+    """Yield (hf_name, numpy array) for every HF tensor of `model`, one parameter gathered at a time; LoRA adapters
+    are merged into their weights."""
     config = model.config
     stacked_names = set(block_param_specs(config))
     for name, mp in param_mappings(config).items():
         value = distributed.to_host(getattr(model.blocks if name in stacked_names else model, name)[...])
+        if config.lora is not None and name in config.lora.targets:
+            a, b = (distributed.to_host(getattr(model.blocks, prefix + name)[...])
+                    for prefix in (lora.A_PREFIX, lora.B_PREFIX))
+            value = lora.merged_weight(config.lora, name, value, a, b)
         if dtype is not None:
             value = value.astype(dtype)
         inv = tuple(np.argsort(mp.perm))
@@ -290,7 +302,7 @@ def save_pretrained(model: Transformer, path: str, *, max_shard_size="5GB", dtyp
             weight_map.update({name: fname for name in names})
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    hf = model.config.to_hf_config()
+    hf = model.config.to_hf_config()  # a merged export is a plain model: no adapter fields
     if np_dtype is not None:
         hf["torch_dtype"] = hf["dtype"] = np_dtype.name
     with open(os.path.join(path, "config.json"), "w") as f:

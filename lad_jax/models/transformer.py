@@ -14,6 +14,7 @@ from flax import nnx
 
 from lad_jax.models.attention import SlotMask, causal_mask, dense_attention, make_attend
 from lad_jax.models.cache import LAYER_CACHE_LAYOUT
+from lad_jax.models import lora
 from lad_jax.models.config import ModelConfig, rope_inv_freq
 from lad_jax.sharding import constrain
 
@@ -60,6 +61,12 @@ def block_param_specs(c: ModelConfig) -> dict:
     return specs
 
 
+def layer_param_specs(c: ModelConfig) -> dict:
+    """Every stacked parameter of `Blocks`: the base weights and, with `c.lora`, their adapters."""
+    base = block_param_specs(c)
+    return {**base, **lora.param_specs(c.lora, base)}
+
+
 def top_param_specs(c: ModelConfig) -> dict:
     specs = {
         "embed": ((c.vocab_size, c.hidden_size), ("vocab", "embed"), _normal),
@@ -74,8 +81,9 @@ class Blocks(nnx.Module):
     """All decoder layers' weights, stacked on axis 0."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        for name, (shape, names, init) in block_param_specs(config).items():
-            setattr(self, name, _param(rngs, init, shape, config.jnp_param_dtype, names))
+        for name, (shape, names, init) in layer_param_specs(config).items():
+            dtype = jnp.float32 if lora.is_adapter(name) else config.jnp_param_dtype
+            setattr(self, name, _param(rngs, init, shape, dtype, names))
 
 
 def rms_norm(x, weight, eps):
@@ -116,10 +124,14 @@ def decoder_layer(c: ModelConfig, x, p, cos, sin, attend, write_kv):
     Returns (x, new_kv).
     """
     dt = c.jnp_dtype
+
+    def proj(x, name, eq):
+        return lora.project(x, p, name, eq, dt, c.lora)
+
     h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q = jnp.einsum("btd,dhx->bthx", h, p["wq"].astype(dt))
-    k = jnp.einsum("btd,dkx->btkx", h, p["wk"].astype(dt))
-    v = jnp.einsum("btd,dkx->btkx", h, p["wv"].astype(dt))
+    q = proj(h, "wq", "btd,dhx->bthx")
+    k = proj(h, "wk", "btd,dkx->btkx")
+    v = proj(h, "wv", "btd,dkx->btkx")
     if c.qkv_bias:
         q, k, v = q + p["bq"].astype(dt), k + p["bk"].astype(dt), v + p["bv"].astype(dt)
     if c.qk_norm:
@@ -129,15 +141,15 @@ def decoder_layer(c: ModelConfig, x, p, cos, sin, attend, write_kv):
     q = constrain(q, ("batch", "sequence", "act_heads", "head_dim"))
     k_all, v_all, new_kv = (k, v, None) if write_kv is None else write_kv(k, v)
     o = attend(q, k_all, v_all)
-    o = jnp.einsum("bthx,hxd->btd", o, p["wo"].astype(dt))
+    o = proj(o, "wo", "bthx,hxd->btd")
     if c.o_bias:
         o = o + p["bo"].astype(dt)
     x = constrain(x + o, ("batch", "sequence", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(dt))
+    gate = proj(h, "w_gate", "btd,df->btf")
+    up = proj(h, "w_up", "btd,df->btf")
     act = constrain(jax.nn.silu(gate) * up, ("batch", "sequence", "act_mlp"))
-    x = x + jnp.einsum("btf,fd->btd", act, p["w_down"].astype(dt))
+    x = x + proj(act, "w_down", "btf,fd->btd")
     return constrain(x, ("batch", "sequence", "act_embed")), new_kv
 
 
@@ -191,7 +203,7 @@ class Transformer(nnx.Module):
                     else causal_mask(b, t, cache["k"].shape[2], cache["index"]))
         attend = make_attend(c.attention, mask if mask_bts is None else mask_bts)
         x, (cos, sin) = self._inputs(tokens_bt, positions_bt)
-        params = {name: getattr(self.blocks, name)[...] for name in block_param_specs(c)}
+        params = {name: getattr(self.blocks, name)[...] for name in layer_param_specs(c)}
 
         def layer(x, p, kv):
             if kv is None:
@@ -233,7 +245,7 @@ class Transformer(nnx.Module):
 
     def layer_params(self) -> tuple[dict, ...]:
         """Per-layer weight dicts sliced out of the stacked blocks (for `hidden_unrolled`; slice once per call)."""
-        names = block_param_specs(self.config)
+        names = layer_param_specs(self.config)
         stacked = {name: getattr(self.blocks, name)[...] for name in names}
         return tuple({name: w[l] for name, w in stacked.items()} for l in range(self.config.num_layers))
 

@@ -1,0 +1,158 @@
+"""LoRA (`model.lora`): adapters at init leave the model unchanged, a train step moves only the adapters, the merged HF
+export equals the adapted model, checkpoints hold only the adapters and a resumed run continues exactly, the plan
+shows the optimizer state shrink, and bad settings fail at config load."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lad_jax.config import ConfigError, load_config
+from lad_jax.models import create_model, from_pretrained, save_pretrained, tiny_config
+from lad_jax.models.lora import LoraSpec, resolve_targets
+
+ALL = resolve_targets("wq|wk|wv|wo|w_gate|w_up|w_down")
+TOKENS = jnp.array([[3, 17, 5, 99, 42, 7, 8, 1], [9, 9, 2, 4, 200, 31, 6, 5]], jnp.int32)
+POSITIONS = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_adapter_at_init_is_the_base_and_merged_export_is_the_adapted_model(kind, tmp_path):
+    base = create_model(tiny_config(kind), seed=0)
+    save_pretrained(base, str(tmp_path / "base"))
+    model = from_pretrained(str(tmp_path / "base"), lora_spec=LoraSpec(rank=4, alpha=8.0, targets=ALL), seed=1)
+    base_logits, _ = base(TOKENS, POSITIONS)
+    np.testing.assert_array_equal(np.asarray(model(TOKENS, POSITIONS)[0]), np.asarray(base_logits))  # B = 0
+
+    for i, name in enumerate(ALL):  # a trained adapter: B moved away from zero
+        var = getattr(model.blocks, "lora_b_" + name)
+        var[...] = 0.05 * jax.random.normal(jax.random.key(i), var.shape)
+    adapted, _ = model(TOKENS, POSITIONS)
+    assert float(jnp.max(jnp.abs(adapted - base_logits))) > 0.05
+    save_pretrained(model, str(tmp_path / "merged"))
+    merged = from_pretrained(str(tmp_path / "merged"))  # a plain HF checkpoint: no adapter tensors in it
+    assert merged.config.lora is None
+    np.testing.assert_allclose(np.asarray(merged(TOKENS, POSITIONS)[0]), np.asarray(adapted), atol=1e-4)
+
+
+def test_only_the_targets_get_adapters():
+    model = create_model(tiny_config("qwen2", lora=LoraSpec(rank=2, alpha=4.0, targets=resolve_targets("wq|wv"))))
+    names = set(nnx.to_pure_dict(nnx.state(model))["blocks"])
+    assert {n for n in names if n.startswith("lora_")} == {"lora_a_wq", "lora_b_wq", "lora_a_wv", "lora_b_wv"}
+    assert model.blocks.lora_a_wq.shape == (2, 64, 2) and model.blocks.lora_b_wq.shape == (2, 2, 4, 16)
+    assert model.blocks.lora_a_wq.dtype == jnp.float32
+
+
+def test_train_step_moves_only_the_adapters():
+    from test_train_step import ROWS, _batch, _config, _model_config
+
+    from lad_jax.sharding import make_mesh
+    from lad_jax.train_setup import train_objects
+    from lad_jax.train_step import TrainStep, full_params, init_train_state
+
+    config = _config("model.lora.rank=4", "model.lora.targets=wq|wo|w_down")
+    mesh = make_mesh(1, 2, 1, devices=jax.devices()[:2])
+    model = create_model(_model_config().replace(lora=LoraSpec(4, 16.0, resolve_targets("wq|wo|w_down"))), mesh=mesh)
+    graphdef, params, tx, schedule, shardings = train_objects(config, model, mesh)
+    state = init_train_state(tx, params, shardings)
+    assert set(state["params"]["blocks"]) == {f"lora_{ab}_{n}" for ab in "ab" for n in ("wq", "wo", "w_down")}
+    assert "lora_a_wq" not in state["frozen"]["blocks"] and "wq" in state["frozen"]["blocks"]
+    adapter_size = sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * adapter_size + 8  # Adam mu, nu, counts
+    before = jax.device_get(full_params(state))
+    step = TrainStep(config, graphdef, tx, schedule, mesh, shardings)
+    b = _batch(0)
+    mb = {k: jax.device_put(v.reshape((2, ROWS // 2) + v.shape[1:]), step.batch_shardings[k]) for k, v in b.items()}
+    for _ in range(2):
+        state, metrics = step(state, mb)
+    after = jax.device_get(full_params(state))
+    assert float(metrics["train/grad_norm"]) > 0
+    for path, old in jax.tree_util.tree_leaves_with_path(before):
+        name = path[-1].key
+        new = after["blocks"][name] if len(path) == 2 else after[name]
+        if name.startswith("lora_"):
+            assert not np.array_equal(new, old), name  # A moves from the second step on, B from the first
+        else:
+            np.testing.assert_array_equal(new, old, err_msg=name)
+    assert step.compiles == 1
+
+
+def _final_adapters(trainer):
+    return jax.device_get(trainer.state["params"])
+
+
+def test_trainer_checkpoints_adapters_only_resumes_exactly_and_exports_merged(tmp_path):
+    from lad_jax import evaluate
+    from lad_jax.tasks import numbers
+    from lad_jax.trainer import Trainer
+
+    common = ["model.lora.rank=4", "model.lora.alpha=8", "checkpoint.every=2", "checkpoint.keep=3",
+              "optimizer.lr=1e-2"]
+    quiet = dict(log=lambda *a, **k: None)
+    whole = Trainer(load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=whole", "steps=3",
+                                                            "checkpoint.export_hf=true", *common]), **quiet)
+    whole.run()
+    first = load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=split", "steps=2", *common])
+    Trainer(first, **quiet).run()
+    resumed = Trainer(load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=split", "steps=3",
+                                                              *common]), **quiet)
+    resumed.run()
+    jax.tree.map(np.testing.assert_array_equal, _final_adapters(resumed), _final_adapters(whole))
+    assert float(jnp.max(jnp.abs(whole.state["params"]["blocks"]["lora_b_wq"]))) > 0  # training moved them
+
+    meta = json.loads(open(os.path.join(first.checkpoint_dir, "2", "state", "_METADATA")).read())
+    param_keys = [k for k in meta["tree_metadata"] if k.startswith("('params'")]
+    assert param_keys and all("'lora_" in k for k in param_keys), param_keys  # no base weight in the checkpoint
+    assert not any(k.startswith("('frozen'") for k in meta["tree_metadata"])
+
+    export = os.path.join(whole.c.run_dir, "hf_export")
+    merged, _ = from_pretrained(export)(TOKENS % 16, POSITIONS)
+    adapted, _ = whole.policy()(TOKENS % 16, POSITIONS)
+    np.testing.assert_allclose(np.asarray(merged), np.asarray(adapted), atol=1e-4)
+
+    # lad_jax.evaluate on the LoRA checkpoint rebuilds the base and restores the adapters: the trained policy.
+    _, eval_file = numbers.write_data(str(tmp_path / "data"), num_train=4, num_eval=6, seed=0)
+    out = evaluate.main(["--checkpoint", whole.c.run_dir, "--data", eval_file, "--k", "2", "--max_prompts", "6",
+                         "--out", str(tmp_path / "ev.json")])
+    assert out["source"]["step"] == 3
+    tok = whole.s.tokenizer
+    from lad_jax.data import load_rows
+    rows, _ = load_rows(eval_file, prompt_field="prompt", answer_field="answer")
+    direct, _ = evaluate.evaluate_policy(
+        whole.policy(), tok, rows, numbers.reward_fn, num_samples=2, max_new_tokens=whole.c.rollout.max_new_tokens,
+        temperature=whole.c.eval.temperature, seed=whole.c.seed + 1, stop_token_ids=(tok.eos_token_id,),
+        pad_id=tok.pad_token_id, ngram=whole.c.eval.ngram, mesh=whole.s.mesh)
+    assert out["metrics"] == direct
+
+
+def test_plan_shows_the_optimizer_state_shrink():
+    from lad_jax import plan
+
+    base = ["rollout.max_new_tokens=8", "model.max_position_embeddings=32", "data.max_prompt_tokens=8"]
+    full = plan.plan(load_config("configs/tiny_test.yaml", base), jax.devices()[:2], groups=("train_step",))
+    lora = plan.plan(load_config("configs/tiny_test.yaml", [*base, "model.lora.rank=2"]), jax.devices()[:2],
+                     groups=("train_step",))
+    assert lora["optimizer_state_bytes"] * 4 < full["optimizer_state_bytes"]
+    assert lora["phases"][0]["name"] == "train_step" and lora["phases"][0]["argument_bytes"] > 0
+    assert "optimizer" in plan.format_report(lora)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lora.rank=-1", "model.lora.rank=-1 must be >= 0"),
+    ("model.lora.dropout=0.1", "model.lora.dropout=0.1 is not supported"),
+    ("model.lora.targets='w_(gate'", "model.lora.targets='w_(gate' is not a valid regex"),
+    ("model.lora.targets=q_proj", "matches none of the projections"),
+    ("model.lora.quantize_base=fp8", "model.lora.quantize_base='fp8' is not valid"),
+    ("model.lora.alpha=0", "model.lora.alpha=0.0 must be > 0"),
+])
+def test_bad_lora_settings_fail_at_config_load(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_config("configs/tiny_test.yaml", ["model.lora.rank=4", override])
+
+
+def test_lora_with_a_warm_start_is_refused():
+    with pytest.raises(ConfigError, match="task.sft_steps=400"):
+        load_config(None, ["model.lora.rank=8"])  # the default run warm-starts the base
