@@ -213,13 +213,10 @@ def check_devices(c, num_devices: int, platform: str | None = None) -> tuple[int
     return d, f, _
 
 
-QUANTIZE_BASE = ("none",)
-
-
 def _check_lora(c) -> None:
     import re
 
-    from lad_jax.models.lora import PROJECTIONS, resolve_targets
+    from lad_jax.models.lora import PROJECTIONS, QUANTIZE_BASE, resolve_targets
 
     lo = c.model.lora
     if lo.rank < 0:

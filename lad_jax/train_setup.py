@@ -81,7 +81,10 @@ def lora_spec(c: Config):
     from lad_jax.models.lora import LoraSpec, resolve_targets
 
     lo = c.model.lora
-    return None if lo.rank == 0 else LoraSpec(rank=lo.rank, alpha=lo.alpha, targets=resolve_targets(lo.targets))
+    if lo.rank == 0:
+        return None
+    return LoraSpec(rank=lo.rank, alpha=lo.alpha, targets=resolve_targets(lo.targets),
+                    quantize_base=lo.quantize_base)
 
 
 def build_model(c: Config, tokenizer, mesh):

@@ -38,6 +38,33 @@ def test_adapter_at_init_is_the_base_and_merged_export_is_the_adapted_model(kind
     np.testing.assert_allclose(np.asarray(merged(TOKENS, POSITIONS)[0]), np.asarray(adapted), atol=1e-4)
 
 
+def test_int8_base_reads_sharded_quantizes_per_channel_and_exports_dequantized(tmp_path):
+    from lad_jax.sharding import make_mesh
+
+    base = create_model(tiny_config("qwen2"), seed=0)
+    save_pretrained(base, str(tmp_path / "base"))
+    spec = LoraSpec(rank=4, alpha=8.0, targets=resolve_targets("wq|wv"), quantize_base="int8")
+    whole = from_pretrained(str(tmp_path / "base"), lora_spec=spec, seed=1)
+    mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    sharded = from_pretrained(str(tmp_path / "base"), lora_spec=spec, seed=1, mesh=mesh)
+    for name in ("wq", "wo", "w_down", "wq_scale", "wo_scale", "w_down_scale"):
+        # each shard read alone computes its channels' scales over the whole input extent
+        np.testing.assert_array_equal(np.asarray(getattr(sharded.blocks, name)[...]),
+                                      np.asarray(getattr(whole.blocks, name)[...]), err_msg=name)
+    assert whole.blocks.wq.dtype == jnp.int8 and whole.blocks.wo_scale.shape == (2, 1, 1, 64)
+    assert whole.embed.dtype == jnp.float32  # the embedding (and head) stay as they were
+    w = np.asarray(base.blocks.w_up[...])
+    deq = np.asarray(whole.blocks.w_up[...], np.float32) * np.asarray(whole.blocks.w_up_scale[...])
+    assert np.max(np.abs(deq - w)) <= np.max(np.abs(w)) / 254 + 1e-7  # half a quantization step at most
+    base_logits, _ = base(TOKENS, POSITIONS)
+    quant_logits, _ = whole(TOKENS, POSITIONS)
+    assert 0 < float(jnp.max(jnp.abs(quant_logits - base_logits))) < 0.02 * float(jnp.max(jnp.abs(base_logits)))
+    save_pretrained(whole, str(tmp_path / "merged"))
+    merged = from_pretrained(str(tmp_path / "merged"))
+    assert merged.blocks.wq.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(merged(TOKENS, POSITIONS)[0]), np.asarray(quant_logits), atol=1e-5)
+
+
 def test_only_the_targets_get_adapters():
     model = create_model(tiny_config("qwen2", lora=LoraSpec(rank=2, alpha=4.0, targets=resolve_targets("wq|wv"))))
     names = set(nnx.to_pure_dict(nnx.state(model))["blocks"])
@@ -46,20 +73,23 @@ def test_only_the_targets_get_adapters():
     assert model.blocks.lora_a_wq.dtype == jnp.float32
 
 
-def test_train_step_moves_only_the_adapters():
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_train_step_moves_only_the_adapters(quantize):
     from test_train_step import ROWS, _batch, _config, _model_config
 
     from lad_jax.sharding import make_mesh
     from lad_jax.train_setup import train_objects
     from lad_jax.train_step import TrainStep, full_params, init_train_state
 
-    config = _config("model.lora.rank=4", "model.lora.targets=wq|wo|w_down")
+    config = _config("model.lora.rank=4", "model.lora.targets=wq|wo|w_down", f"model.lora.quantize_base={quantize}")
     mesh = make_mesh(1, 2, 1, devices=jax.devices()[:2])
-    model = create_model(_model_config().replace(lora=LoraSpec(4, 16.0, resolve_targets("wq|wo|w_down"))), mesh=mesh)
+    spec = LoraSpec(4, 16.0, resolve_targets("wq|wo|w_down"), quantize_base=quantize)
+    model = create_model(_model_config().replace(lora=spec), mesh=mesh)
     graphdef, params, tx, schedule, shardings = train_objects(config, model, mesh)
     state = init_train_state(tx, params, shardings)
     assert set(state["params"]["blocks"]) == {f"lora_{ab}_{n}" for ab in "ab" for n in ("wq", "wo", "w_down")}
     assert "lora_a_wq" not in state["frozen"]["blocks"] and "wq" in state["frozen"]["blocks"]
+    assert state["frozen"]["blocks"]["w_up"].dtype == (jnp.int8 if quantize == "int8" else jnp.float32)
     adapter_size = sum(x.size for x in jax.tree.leaves(state["params"]))
     assert sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * adapter_size + 8  # Adam mu, nu, counts
     before = jax.device_get(full_params(state))

@@ -64,7 +64,7 @@ def block_param_specs(c: ModelConfig) -> dict:
 def layer_param_specs(c: ModelConfig) -> dict:
     """Every stacked parameter of `Blocks`: the base weights and, with `c.lora`, their adapters."""
     base = block_param_specs(c)
-    return {**base, **lora.param_specs(c.lora, base)}
+    return {**base, **lora.quantized_specs(c.lora, base), **lora.param_specs(c.lora, base)}
 
 
 def top_param_specs(c: ModelConfig) -> dict:
@@ -82,7 +82,7 @@ class Blocks(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         for name, (shape, names, init) in layer_param_specs(config).items():
-            dtype = jnp.float32 if lora.is_adapter(name) else config.jnp_param_dtype
+            dtype = lora.param_dtype(config.lora, name, config.jnp_param_dtype)
             setattr(self, name, _param(rngs, init, shape, dtype, names))
 
 
