@@ -291,6 +291,14 @@ class Trainer:
                     self.s.tokenizer.save_pretrained(export)
             else:
                 save_pretrained(self.policy(), None)  # the gathers are collective; process 0 writes
+            if self.s.model_config.lora is not None:  # the adapters alone too, for peft users of init_from
+                from lad_jax.models.peft_export import save_peft_adapter
+
+                if jax.process_index() == 0:
+                    with run_files.local_dir(run_files.join(c.run_dir, "peft_adapter")) as adapter:
+                        save_peft_adapter(self.policy(), adapter, base_model_name_or_path=c.init_from)
+                else:
+                    save_peft_adapter(self.policy(), None)
         summary = {"steps": step, "rl_seconds": seconds, "eval_before": self.eval_before, "eval_after": after,
                    "compiles_train_step": self.step_fn.compiles, "data": dict(self.loader.stats)}
         if jax.process_index() == 0:

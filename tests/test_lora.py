@@ -38,6 +38,29 @@ def test_adapter_at_init_is_the_base_and_merged_export_is_the_adapted_model(kind
     np.testing.assert_allclose(np.asarray(merged(TOKENS, POSITIONS)[0]), np.asarray(adapted), atol=1e-4)
 
 
+def test_peft_adapter_export_loads_onto_the_transformers_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    import peft
+    import transformers
+
+    from lad_jax.models.peft_export import save_peft_adapter
+
+    save_pretrained(create_model(tiny_config("qwen2"), seed=0), str(tmp_path / "base"))
+    model = from_pretrained(str(tmp_path / "base"), lora_spec=LoraSpec(rank=3, alpha=6.0, targets=ALL), seed=1)
+    for i, name in enumerate(ALL):
+        for prefix in ("lora_a_", "lora_b_"):
+            var = getattr(model.blocks, prefix + name)
+            var[...] = 0.1 * jax.random.normal(jax.random.key(10 + i), var.shape)
+    save_peft_adapter(model, str(tmp_path / "adapter"), base_model_name_or_path=str(tmp_path / "base"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(np.asarray(TOKENS))).logits.numpy()
+    ours = np.asarray(model(TOKENS, POSITIONS)[0])
+    assert np.max(np.abs(ours - np.asarray(create_model(tiny_config("qwen2"), seed=0)(TOKENS, POSITIONS)[0]))) > 0.05
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
 def test_int8_base_reads_sharded_quantizes_per_channel_and_exports_dequantized(tmp_path):
     from lad_jax.sharding import make_mesh
 
@@ -138,6 +161,7 @@ def test_trainer_checkpoints_adapters_only_resumes_exactly_and_exports_merged(tm
     assert param_keys and all("'lora_" in k for k in param_keys), param_keys  # no base weight in the checkpoint
     assert not any(k.startswith("('frozen'") for k in meta["tree_metadata"])
 
+    assert os.path.isfile(os.path.join(whole.c.run_dir, "peft_adapter", "adapter_model.safetensors"))
     export = os.path.join(whole.c.run_dir, "hf_export")
     merged, _ = from_pretrained(export)(TOKENS % 16, POSITIONS)
     adapted, _ = whole.policy()(TOKENS % 16, POSITIONS)
