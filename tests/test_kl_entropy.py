@@ -182,9 +182,10 @@ def _assert_trees_equal(a, b):
 
 
 def test_trainer_feeds_reference_logprobs(tmp_path):
-    """The trainer builds the frozen reference only with kl_coef > 0, `experience.collect` fills `ref_logp_bt`
-    (before any update it equals the sampler's behaviour log-probs: same weights), the minibatches carry it, the
-    step logs `train/kl_ref` (> 0 once the policy moved), and the optimizer never changes the reference."""
+    """The trainer builds the frozen reference only with kl_coef > 0, `experience.collect`
+    fills `ref_logp_bt` (before any update it equals the sampler's behaviour log-probs: same weights), the
+    minibatches carry it, the step logs `train/kl_ref` (> 0 once the policy moved), the optimizer never changes the
+    reference, and a resumed run rebuilds the same reference."""
     from lad_jax.trainer import Trainer
 
     config = load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "steps=2", "checkpoint.every=0",
@@ -208,3 +209,13 @@ def test_trainer_feeds_reference_logprobs(tmp_path):
     # (mu = 2 passes: the second pass of each step already sees a moved policy)
     assert metrics[0]["train/kl_ref"] > 1e-6 and metrics[1]["train/kl_ref"] > 1e-6
     _assert_trees_equal(jax.device_get(trainer.ref_params), ref0)  # frozen
+
+    # Resume: the reference is not in the checkpoint; it is rebuilt from the config (here the seeded scratch init;
+    # tiny_test has no warm start, which would only add its compile time) bit for bit.
+    trainer.ckpt.save(2, trainer.state, meta=trainer._meta(), force=True)
+    trainer.ckpt.wait()
+    trainer.ckpt.close()
+    resumed = Trainer(config, log=lambda *a, **k: None)
+    assert resumed._restore_or_init() == 2
+    _assert_trees_equal(jax.device_get(resumed.ref_params), ref0)
+    resumed.ckpt.close()
