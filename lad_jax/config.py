@@ -99,6 +99,12 @@ class AlgorithmSection:
     clip_eps_low: float = 0.2  # GRPO/GSPO ratio clip [1 - low, 1 + high]
     clip_eps_high: float = 0.2
     log_ratio_clip: float | None = None  # optional LAD clamp of the log-ratio (ours, not the paper's)
+    # Optional regularizers (LAD needs neither; verl/TRL-style options): kl_coef * KL(pi_theta || pi_ref) per token,
+    # pi_ref a frozen copy of the initial policy (only built when kl_coef > 0), estimator k1 | k2 | k3 (Schulman);
+    # entropy_coef * the current policy's per-token entropy is subtracted from the loss.
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

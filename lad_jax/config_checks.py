@@ -5,7 +5,7 @@ device count and the batch sizes against the batch axes. Every error names the k
 """
 from __future__ import annotations
 
-from lad_jax.losses import AGGREGATIONS, DIVERGENCES, LOSSES, RATIO_LEVELS  # noqa: E402  (one source of names)
+from lad_jax.losses import AGGREGATIONS, DIVERGENCES, KL_ESTIMATORS, LOSSES, RATIO_LEVELS  # noqa: E402  (one source of names)
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo")
 OLD_LOGPROBS = ("sampler", "recompute")
@@ -99,6 +99,10 @@ def validate(c) -> None:
     if not 0 <= a.clip_eps_low < 1 or a.clip_eps_high < 0:
         raise ConfigError(f"algorithm.clip_eps_low={a.clip_eps_low} must be in [0, 1) and algorithm.clip_eps_high="
                           f"{a.clip_eps_high} >= 0")
+    _choice(a.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
+    for key in ("kl_coef", "entropy_coef"):
+        if not getattr(a, key) >= 0:  # also rejects nan
+            raise ConfigError(f"algorithm.{key}={getattr(a, key)} must be >= 0 (0 = off)")
     if c.batch_size % a.minibatch_size:
         raise ConfigError(
             f"algorithm.minibatch_size={a.minibatch_size} must divide rollout.prompts_per_step * "

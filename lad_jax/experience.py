@@ -16,13 +16,15 @@ import numpy as np
 from lad_jax import advantages as adv_lib
 from lad_jax import distributed, sampler, sampler_continuous
 from lad_jax.config import Config
+from lad_jax.train_step import REF_KEY
 
 MINIBATCH_FIELDS = ("tokens_bt", "positions_bt", "valid_bt", "response_bt", "old_logp_bt", "advantages_b")
+REF_FIELD = REF_KEY  # only with algorithm.kl_coef > 0: the frozen reference policy's log-probs
 
 
 @dataclasses.dataclass
 class Experience:
-    arrays: dict[str, np.ndarray]  # MINIBATCH_FIELDS, rows grouped by prompt (G consecutive rows)
+    arrays: dict[str, np.ndarray]  # MINIBATCH_FIELDS (+ REF_FIELD), rows grouped by prompt (G consecutive rows)
     completions: list[str]
     rewards: np.ndarray  # [B]
     no_signal_p: np.ndarray  # bool [P]: all G rewards of the prompt equal (zero advantage, no learning signal)
@@ -57,8 +59,13 @@ def decode(tokenizer, responses: Sequence[Sequence[int]]) -> list[str]:
 
 
 def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: Callable, *, key, mesh,
-            stop_ids: Sequence[int], recompute: Callable | None = None) -> Experience:
+            stop_ids: Sequence[int], recompute: Callable | None = None,
+            reference: Callable | None = None) -> Experience:
     """Samples G responses per prompt row, scores them and computes group advantages.
+
+    `recompute` / `reference`: `(tokens_bt, positions_bt, valid_bt) -> logp_bt` of the current / the frozen
+    reference policy; the first replaces the sampler's old log-probs, the second (given only when
+    algorithm.kl_coef > 0, so a run without the KL term pays nothing) fills `ref_logp_bt`.
 
     Several processes: every process passes the same global `rows` and gets the same global `Experience` (the
     sampler gathers its output to every host; each host scores a share of the rows, see `distributed.score_rows`).
@@ -88,6 +95,9 @@ def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: 
     if recompute is not None:
         fresh = np.asarray(recompute(arrays["tokens_bt"], arrays["positions_bt"], arrays["valid_bt"]))
         arrays["old_logp_bt"] = np.where(arrays["response_bt"], fresh, 0.0).astype(np.float32)
+    if reference is not None:
+        ref = np.asarray(reference(arrays["tokens_bt"], arrays["positions_bt"], arrays["valid_bt"]))
+        arrays[REF_FIELD] = np.where(arrays["response_bt"], ref, 0.0).astype(np.float32)
     arrays["advantages_b"] = adv_pg.reshape(-1).astype(np.float32)
     lengths = np.asarray(host["n"])
     resp = arrays["response_bt"]
@@ -124,13 +134,14 @@ def minibatches(c: Config, exp: Experience, rng: np.random.Generator):
         idx = idx[np.repeat(~exp.no_signal_p, c.rollout.num_samples)]
     if len(idx) == 0:
         return
+    fields = MINIBATCH_FIELDS + ((REF_FIELD,) if REF_FIELD in arrays else ())
     n_mb = -(-len(idx) // a.minibatch_size)
     for _ in range(a.mu):
         order = rng.permutation(idx)
         pad = n_mb * a.minibatch_size - len(order)
         for j in range(n_mb):
             take = order[j * a.minibatch_size:(j + 1) * a.minibatch_size]
-            mb = {k: arrays[k][take] for k in MINIBATCH_FIELDS}
+            mb = {k: arrays[k][take] for k in fields}
             if j == n_mb - 1 and pad:
                 mb = {k: _pad_rows(v, pad, k) for k, v in mb.items()}
             yield {k: v.reshape((a.minibatch_size // a.micro_batch_size, a.micro_batch_size) + v.shape[1:])

@@ -22,7 +22,7 @@ DIVERGENCES = ("js", "hellinger", "tv", "kl", "reverse_kl", "jeffreys")
 LOSSES = ("lad", "grpo", "gspo", "pg")
 RATIO_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k3")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 _LOG2 = math.log(2.0)
 
@@ -189,7 +189,12 @@ def regularized_token_loss(loss_bt, logp_bt, mask_bt, *, ref_logp_bt, kl_coef, k
     if ref_logp_bt is not None:
         ref = jax.lax.stop_gradient(jnp.where(mask_bt, jnp.asarray(ref_logp_bt, jnp.float32), 0.0))
         delta = ref - logp_bt
-        kl_bt = -delta if kl_estimator == "k1" else jnp.expm1(delta) - delta
+        if kl_estimator == "k1":
+            kl_bt = -delta
+        elif kl_estimator == "k2":
+            kl_bt = 0.5 * jnp.square(delta)
+        else:  # k3
+            kl_bt = jnp.expm1(delta) - delta
         metrics["kl_ref"] = _masked_mean(kl_bt, mask_bt)
         if kl_coef != 0.0:
             loss_bt = loss_bt + jnp.float32(kl_coef) * kl_bt
@@ -262,8 +267,10 @@ def policy_loss(
       aggregation: ``token-mean`` (default; sum over all tokens / token count), ``seq-mean-token-mean``,
         ``seq-mean-token-sum`` or ``seq-mean-token-sum-norm`` (Dr. GRPO: token sum / ``max_length_norm``, mean over
         sequences). Sequence counts include only rows with at least one response token.
-      ref_logp_bt, kl_coef, kl_estimator: optional per-token KL-to-reference penalty (``k1 = logp - ref`` or
-        ``k3 = exp(ref - logp) - (ref - logp) - 1``), off by default.
+      ref_logp_bt, kl_coef, kl_estimator: optional per-token KL-to-reference penalty (``k1 = logp - ref``,
+        ``k2 = (logp - ref)^2 / 2`` or ``k3 = exp(ref - logp) - (ref - logp) - 1``), off by default. k2 and k3 have
+        zero value and zero gradient where ``logp == ref``; k1 has zero value there but gradient ``grad logp``
+        (zero only in expectation over samples from pi_theta).
       entropy_bt, entropy_coef: optional entropy bonus (subtracts ``entropy_coef * entropy``), off by default.
     Metrics (float32 scalars, no gradient, means over response tokens): ``loss``, ``ratio_mean`` (token ratio
     pi_theta / pi_old), ``approx_kl`` (k3 estimate of KL(pi_old || pi_theta)); ``above_target_frac`` (lad: ratio

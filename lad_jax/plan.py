@@ -188,7 +188,10 @@ class Planner:
         shapes = jax.eval_shape(lambda p: ts.init_train_state(self.tx, p, self.shardings), params)
         self.state = _abstract(shapes, self.shardings)
         self.step_fn = ts.TrainStep(c, self.graphdef, self.tx, self.schedule, mesh, self.shardings)
-        self.opt_bytes = _bytes_per_chip({"opt_state": self.state["opt_state"], "step": self.state["step"]})
+        # With the KL term a frozen copy of the params (the reference policy) stays alive beside every phase.
+        self.ref_bytes = _bytes_per_chip(self.state["params"]) if c.algorithm.kl_coef > 0 else 0
+        self.opt_bytes = (_bytes_per_chip({"opt_state": self.state["opt_state"], "step": self.state["step"]})
+                          + self.ref_bytes)
         self.phases: list[Phase] = []
 
     def _compile(self, name, lower, resident: int):
@@ -220,10 +223,11 @@ class Planner:
         t = prompt_bucket(self.c) + r.max_new_tokens
         n_micro, m = a.minibatch_size // a.micro_batch_size, a.micro_batch_size
         dtypes = {"tokens_bt": jnp.int32, "positions_bt": jnp.int32, "valid_bt": jnp.bool_,
-                  "response_bt": jnp.bool_, "old_logp_bt": jnp.float32, "advantages_b": jnp.float32}
+                  "response_bt": jnp.bool_, "old_logp_bt": jnp.float32, "advantages_b": jnp.float32,
+                  "ref_logp_bt": jnp.float32}
         batch = {k: jax.ShapeDtypeStruct((n_micro, m) if k == "advantages_b" else (n_micro, m, t), dtypes[k],
-                                         sharding=self.step_fn.batch_shardings[k]) for k in dtypes}
-        return self._compile("train_step", lambda: self.step_fn.lower(self.state, batch), 0)
+                                         sharding=sh) for k, sh in self.step_fn.batch_shardings.items()}
+        return self._compile("train_step", lambda: self.step_fn.lower(self.state, batch), self.ref_bytes)
 
     def recompute(self):
         import jax
@@ -308,7 +312,8 @@ class Planner:
         c = self.c
         if "train_step" in groups:
             self.train_step()
-        if c.rollout.old_logprobs == "recompute" and "recompute" in groups:
+        # the reference log-probs (algorithm.kl_coef > 0) run the same program on the frozen params
+        if (c.rollout.old_logprobs == "recompute" or c.algorithm.kl_coef > 0) and "recompute" in groups:
             self.recompute()
         from lad_jax.sampling import Sampling
 

@@ -13,7 +13,8 @@ exactly (up to float summation order) for any micro-batch size.
 
 Batch arrays (``t`` = prompt + response slots, tokens left-aligned to the prompt's end as the sampler laid them out):
   tokens_bt int32, positions_bt int32, valid_bt bool (not padding), response_bt bool (token t is a response
-  token whose log-prob is trained), old_logp_bt float32 (pi_old log-prob of token t), advantages_b float32.
+  token whose log-prob is trained), old_logp_bt float32 (pi_old log-prob of token t), advantages_b float32; with
+  `algorithm.kl_coef > 0` also ref_logp_bt float32 (the frozen reference policy's log-prob of token t).
 """
 from __future__ import annotations
 
@@ -33,7 +34,13 @@ from lad_jax.models.attention import causal_mask
 from lad_jax.sharding import state_shardings
 
 BATCH_KEYS = ("tokens_bt", "positions_bt", "valid_bt", "response_bt", "old_logp_bt", "advantages_b")
+REF_KEY = "ref_logp_bt"  # batch key present only when algorithm.kl_coef > 0
 BATCH_AXES = ("data", "fsdp")
+
+
+def batch_keys(c: Config) -> tuple[str, ...]:
+    """The train step's batch keys for this config (the reference log-probs only when the KL term is on)."""
+    return BATCH_KEYS + ((REF_KEY,) if c.algorithm.kl_coef > 0 else ())
 
 
 def make_schedule(c: Config) -> Callable:
@@ -133,7 +140,8 @@ def loss_kwargs(c: Config) -> dict:
     a = c.algorithm
     return dict(loss=a.loss, divergence=a.divergence, eta=a.eta, ratio_level=a.ratio_level,
                 aggregation=a.aggregation, clip_eps_low=a.clip_eps_low, clip_eps_high=a.clip_eps_high,
-                log_ratio_clip=a.log_ratio_clip, max_length_norm=float(c.rollout.max_new_tokens))
+                log_ratio_clip=a.log_ratio_clip, max_length_norm=float(c.rollout.max_new_tokens),
+                kl_coef=a.kl_coef, kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef)
 
 
 class TrainStep:
@@ -144,6 +152,9 @@ class TrainStep:
         kwargs = loss_kwargs(c)
         temperature = c.rollout.temperature
         chunk = c.model.logprob_chunk_size
+        use_ref = c.algorithm.kl_coef > 0
+        # The entropy is always a metric; it carries gradient only when the bonus is on.
+        entropy_grad = c.algorithm.entropy_coef > 0
 
         def step_fn(state, frozen, batch):
             self.compiles += 1  # runs only while tracing
@@ -156,9 +167,10 @@ class TrainStep:
                     logp, ent = sequence_logprobs(graphdef, lora.merge_params(frozen, p), mb["tokens_bt"],
                                                   mb["positions_bt"], mb["valid_bt"], temperature=temperature,
                                                   chunk_size=chunk)
-                    num, den, met = losses.policy_loss(logp, mb["old_logp_bt"], mb["advantages_b"],
-                                                       mb["response_bt"], entropy_bt=jax.lax.stop_gradient(ent),
-                                                       **kwargs)
+                    num, den, met = losses.policy_loss(
+                        logp, mb["old_logp_bt"], mb["advantages_b"], mb["response_bt"],
+                        entropy_bt=ent if entropy_grad else jax.lax.stop_gradient(ent),
+                        ref_logp_bt=mb[REF_KEY] if use_ref else None, **kwargs)
                     return num, (den, met)
 
                 (num, (den, met)), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -171,7 +183,7 @@ class TrainStep:
             mb0 = jax.tree.map(lambda x: x[0], batch)
             _, _, met0 = jax.eval_shape(lambda: losses.policy_loss(
                 mb0["old_logp_bt"], mb0["old_logp_bt"], mb0["advantages_b"], mb0["response_bt"],
-                entropy_bt=mb0["old_logp_bt"], **kwargs))
+                entropy_bt=mb0["old_logp_bt"], ref_logp_bt=mb0[REF_KEY] if use_ref else None, **kwargs))
             metric_names = tuple(k for k in met0 if k != "loss")
             zeros = jax.tree.map(jnp.zeros_like, params)
             init = (zeros, jnp.float32(0), jnp.float32(0), {k: jnp.float32(0) for k in metric_names})
@@ -188,7 +200,7 @@ class TrainStep:
                    "step": state["step"] + 1}
             return new, metrics
 
-        bsh = {k: batch_sharding(mesh, 2 if k == "advantages_b" else 3) for k in BATCH_KEYS}
+        bsh = {k: batch_sharding(mesh, 2 if k == "advantages_b" else 3) for k in batch_keys(c)}
         replicated = NamedSharding(mesh, P())
         self.batch_shardings = bsh
         self.mesh = mesh

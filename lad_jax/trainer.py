@@ -81,10 +81,15 @@ class Trainer:
         s = self.s
         self.step_fn = TrainStep(config, s.graphdef, s.tx, s.schedule, s.mesh, s.shardings)
         self.recompute = None
-        if config.rollout.old_logprobs == "recompute":
+        self.reference = None  # reference-policy log-probs, only with the KL term (algorithm.kl_coef > 0)
+        self.ref_params = None  # that policy: a frozen copy of all the params before RL, sharded like them
+        if config.rollout.old_logprobs == "recompute" or config.algorithm.kl_coef > 0:
             fn = make_logprob_fn(s.graphdef, s.mesh, full_params(s.shardings), config.rollout.temperature,
                                  config.model.logprob_chunk_size)
-            self.recompute = functools.partial(self._recompute, fn)
+            if config.rollout.old_logprobs == "recompute":
+                self.recompute = functools.partial(self._recompute, fn)
+            if config.algorithm.kl_coef > 0:
+                self.reference = functools.partial(self._recompute, fn, reference=True)
         self.ckpt = CheckpointManager(config.checkpoint_dir, save_every=config.checkpoint.every or _NEVER,
                                       keep_last=config.checkpoint.keep)
         self.loader = s.loader
@@ -97,12 +102,13 @@ class Trainer:
         self.state = None
         self.eval_before: dict[str, float] | None = None
 
-    def _recompute(self, fn, tokens_bt, positions_bt, valid_bt):
-        """pi_old log-probs of the global rollout (host arrays in, the whole host array out on every process)."""
+    def _recompute(self, fn, tokens_bt, positions_bt, valid_bt, *, reference: bool = False):
+        """pi_old (or, with `reference`, pi_ref) log-probs of the global rollout (host arrays in, the whole host
+        array out on every process)."""
         rows = batch_sharding(self.s.mesh, 2, lead=0)
         arrays = [distributed.global_array(a, rows) for a in (tokens_bt, positions_bt, valid_bt)]
         with jax.set_mesh(self.s.mesh):
-            out = fn(full_params(self.state), *arrays)
+            out = fn(self.ref_params if reference else full_params(self.state), *arrays)
         return distributed.to_host(out)
 
     # ---- state -----------------------------------------------------------------------------------------
@@ -134,7 +140,27 @@ class Trainer:
             self.loader.set_state(meta["data"])
             self.eval_before = meta.get("eval_before")
             self.log(f"resumed from {c.checkpoint_dir} at step {step}")
+            if c.algorithm.kl_coef > 0:  # not checkpointed: rebuilt as the fresh run built it (see DESIGN.md)
+                self.ref_params = self._frozen_copy(self._initial_params())
             return int(step)
+        params = self._initial_params()
+        if c.algorithm.kl_coef > 0:
+            self.ref_params = self._frozen_copy(params)
+        self.state = init_train_state(self.s.tx, params, self.s.shardings)
+        return 0
+
+    def _frozen_copy(self, params):
+        """Own buffers: the train state's params are donated to each step, so the reference may not share them. A
+        frozen LoRA base is never donated: the reference shares it and copies only the adapters."""
+        trainable, frozen = lora.split_params(params, "frozen" in self.s.shardings)
+        sh = self.s.shardings["params"]
+        copy = jax.jit(lambda p: jax.tree.map(jax.numpy.copy, p), in_shardings=(sh,), out_shardings=sh)(trainable)
+        return lora.merge_params(frozen, copy)
+
+    def _initial_params(self):
+        """The policy before RL (init_from or the seeded scratch init, then the numbers task's warm start): a pure
+        function of the config, so a resumed run rebuilds the same reference policy."""
+        c = self.c
         params = self.s.params
         if c.task.name == "numbers" and c.task.sft_steps > 0:
             from lad_jax.tasks import sft
@@ -144,9 +170,8 @@ class Trainer:
                                           batch_size=c.task.sft_batch_size, lr=c.task.sft_lr,
                                           correct_fraction=c.task.sft_correct_fraction, seed=c.seed, log=self.log)
             self.log(f"warm-start done in {time.perf_counter() - t0:.1f}s (loss {loss:.3f})")
-            params = jax.tree.map(distributed.global_array, params, self.s.shardings["params"])  # host -> mesh
-        self.state = init_train_state(self.s.tx, params, self.s.shardings)
-        return 0
+            params = jax.tree.map(distributed.global_array, params, full_params(self.s.shardings))  # host -> mesh
+        return params
 
     def _meta(self) -> dict[str, Any]:
         return {"data": self.loader.get_state(), "eval_before": self.eval_before, "config": self.c.to_dict()}
@@ -192,7 +217,7 @@ class Trainer:
         t0 = time.perf_counter()
         exp = experience.collect(c, self.policy(), rows, self.s.tokenizer, self.s.reward_fn,
                                  key=setup_lib.step_key(c.seed, step), mesh=self.s.mesh, stop_ids=self.s.stop_ids,
-                                 recompute=self.recompute)
+                                 recompute=self.recompute, reference=self.reference)
         t1 = time.perf_counter()
         updates = 0
         train_metrics = []

@@ -231,8 +231,9 @@ def test_kl_penalty_and_entropy_bonus():
     mask = jnp.ones((1, 2), bool)
     adv = jnp.array([0.0])  # pg loss is then zero, leaving only the penalty terms
     k1 = np.array([0.5, 0.0])
+    k2 = np.array([0.125, 0.0])
     k3 = np.array([math.exp(-0.5) + 0.5 - 1, 0.0])
-    for estimator, kl in (("k1", k1), ("k3", k3)):
+    for estimator, kl in (("k1", k1), ("k2", k2), ("k3", k3)):
         num, den, m = policy_loss(
             logp, logp, adv, mask, loss="pg", ref_logp_bt=ref, kl_coef=0.1, kl_estimator=estimator
         )
@@ -340,7 +341,7 @@ def test_policy_loss_jit_and_validation():
         (dict(divergence="chi2"), "'js'"),
         (dict(ratio_level="segment"), "'token', 'sequence'"),
         (dict(aggregation="mean"), "'token-mean'"),
-        (dict(kl_estimator="k2"), "'k1', 'k3'"),
+        (dict(kl_estimator="k4"), "'k1', 'k2', 'k3'"),
         (dict(eta=0.0), "eta"),
         (dict(aggregation="seq-mean-token-sum-norm"), "max_length_norm"),
         (dict(kl_coef=0.1), "ref_logp_bt"),
