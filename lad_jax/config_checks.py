@@ -5,7 +5,8 @@ device count and the batch sizes against the batch axes. Every error names the k
 """
 from __future__ import annotations
 
-from lad_jax.losses import AGGREGATIONS, DIVERGENCES, KL_ESTIMATORS, LOSSES, RATIO_LEVELS  # noqa: E402  (one source of names)
+# one source of names
+from lad_jax.losses import AGGREGATIONS, DIVERGENCES, KL_ESTIMATORS, LOSSES, RATIO_LEVELS  # noqa: E402
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo")
 OLD_LOGPROBS = ("sampler", "recompute")
