@@ -99,6 +99,22 @@ def test_reference_list_numbers_and_worked_solution():
     assert math_reward("\\boxed{6}", 6) == 1.0
 
 
+GSM8K_GOLD = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+
+
+def test_gsm8k_reference_is_its_final_answer():
+    """GSM8K's `answer` field is a worked solution ending in '#### N': N is the reference, matched on the exact-match
+    fast path (no verifier call), and the intermediate 24 is not accepted."""
+    completions = ["so \\boxed{72}", "Answer: 72", "\\boxed{24}", "no answer"]
+    rewards, metrics = math_reward_batch(completions, [GSM8K_GOLD] * 4)
+    assert rewards.tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert metrics["math/verifier_calls"] == 1  # only the wrong "24" goes to math-verify
+    assert math_reward("\\boxed{1000}", "Half of 2,000 is 1,000.\n#### 1,000") == 1.0
+    assert math_reward("\\boxed{-3}", "3 - 6 = -3\n#### -3") == 1.0
+    assert math_reward("\\boxed{3}", "3 - 6 = -3\n#### -3") == 0.0
+
+
 def test_format_reward_and_dapo_values():
     rewards, _ = math_reward_batch(["\\boxed{1}", "\\boxed{2}", "no answer"], ["1", "1", "1"],
                                    correct_reward=1.0, incorrect_reward=-1.0, format_reward=0.1)

@@ -155,9 +155,21 @@ def get_pool(workers: int | None = None) -> VerifierPool:
         return _POOL
 
 
+_GSM8K_FINAL = re.compile(r"####\s*(\S[^\n]*?)\s*$")
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
 def _reference_answer(reference: str) -> str:
-    """A reference that is a worked solution (MATH style) is reduced to its last boxed answer."""
-    return (last_boxed(reference) or reference) if "\\boxed" in reference or "\\fbox" in reference else reference
+    """A reference that is a worked solution is reduced to its final answer: the last boxed answer (MATH style), or
+    the text after the trailing '#### ' line (GSM8K's `answer` field: '...steps...\\n#### 72'). The bare answer takes
+    the exact-match fast path instead of asking math-verify to guess which number in the solution is final."""
+    if "\\boxed" in reference or "\\fbox" in reference:
+        return last_boxed(reference) or reference
+    final = _GSM8K_FINAL.search(reference)
+    if final is None:
+        return reference
+    answer = final.group(1)
+    return answer.replace(",", "") if _THOUSANDS.fullmatch(answer) else answer  # "1,000" (thousands) -> "1000"
 
 
 def overlong_penalty(num_tokens: int, max_tokens: int, buffer_tokens: int, factor: float = 1.0) -> float:
