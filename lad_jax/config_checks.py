@@ -7,12 +7,13 @@ from __future__ import annotations
 
 # one source of names
 from lad_jax.losses import AGGREGATIONS, DIVERGENCES, KL_ESTIMATORS, LOSSES, RATIO_LEVELS  # noqa: E402
+from lad_jax.tasks import task_names
 
 ADVANTAGES = ("grpo", "drgrpo", "rloo")
 OLD_LOGPROBS = ("sampler", "recompute")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("float32", "bfloat16")
-TASKS = ("none", "numbers")
+TASKS = task_names()  # lad_jax.tasks registry
 DISTRIBUTED = ("auto", "on", "off")
 WANDB_MODES = ("disabled", "online", "offline")
 # attention kernels (lad_jax.models.attention): auto = dense for short sequences, else blockwise / splash on TPU
@@ -241,7 +242,7 @@ def _check_lora(c) -> None:
         raise ConfigError(f"model.lora.targets={lo.targets!r} matches none of the projections {PROJECTIONS}; "
                           "e.g. 'wq|wv' or 'w[qkvo]|w_(gate|up|down)'")
     _choice(lo.quantize_base, QUANTIZE_BASE, "model.lora.quantize_base")
-    if c.task.name == "numbers" and c.task.sft_steps > 0:
+    if c.task.name != "none" and c.task.sft_steps > 0:
         raise ConfigError(f"model.lora.rank={lo.rank} with task.sft_steps={c.task.sft_steps}: the warm start trains "
                           "the base weights, which a LoRA run neither trains nor checkpoints; set task.sft_steps=0 "
                           "(or export a warm-started model and pass it as init_from)")

@@ -275,10 +275,10 @@ def _tokenizer(c, hf_model: str | None):
 
     if hf_model is not None and os.path.exists(os.path.join(hf_model, "tokenizer_config.json")):
         return load_tokenizer(hf_model)
-    if c.model.tokenizer is None and c.task.name == "numbers":
-        from lad_jax.tasks import numbers
+    if c.model.tokenizer is None and c.task.name != "none":
+        from lad_jax.tasks import get_task
 
-        return numbers.build_tokenizer()  # deterministic: the same tokenizer the trainer wrote to its run dir
+        return get_task(c.task.name).build_tokenizer(None)  # deterministic: the one the trainer wrote to its run dir
     path = c.model.tokenizer or c.init_from
     if path is None:
         raise SystemExit("no tokenizer: set model.tokenizer=DIR (or pass --hf_model with tokenizer files)")

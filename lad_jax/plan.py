@@ -128,13 +128,13 @@ def model_config(c):
                                 "config.json")
         return ModelConfig.from_hf_config(hf, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat,
                                           attention=m.attention).replace(lora=lora_spec(c))
-    if c.task.name == "numbers":
+    if c.task.name != "none":
         import tempfile
 
-        from lad_jax.tasks import numbers
+        from lad_jax.tasks import get_task
         from lad_jax.tokenizer import load_tokenizer
         with tempfile.TemporaryDirectory(prefix="lad_jax_plan_") as d:
-            numbers.build_tokenizer(d)
+            get_task(c.task.name).build_tokenizer(d)
             tok = load_tokenizer(d)
     elif c.model.tokenizer is not None:
         from lad_jax.tokenizer import load_tokenizer

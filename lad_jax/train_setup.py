@@ -37,26 +37,25 @@ class Setup:
 
 
 def task_files(c: Config) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
-    """(train files, eval files, tokenizer dir) — generated into the run dir for the built-in task.
+    """(train files, eval files, tokenizer dir) — generated into the run dir by a built-in task (`lad_jax.tasks`).
 
     The task's files are a pure function of the config, so every host and every restart makes the same ones.
     Process 0 writes them into a local run dir; the other processes (which may share that directory, as in a
     localhost rehearsal) and every process of a remote run dir (gs://...) write into a local temporary directory,
     from which process 0 copies them up.
     """
-    if c.task.name == "numbers":
-        from lad_jax.tasks import numbers
+    from lad_jax.tasks import get_task
 
+    task = get_task(c.task.name)
+    if task is not None:
         base = c.run_dir
         if run_files.is_remote(base) or jax.process_index() != 0:
             import tempfile
 
             base = tempfile.mkdtemp(prefix="lad_jax_task_")
-        data_dir = os.path.join(base, "data")
-        train, evalf = numbers.write_data(data_dir, num_train=c.task.num_train_prompts,
-                                          num_eval=c.task.num_eval_prompts, seed=c.seed)
+        train, evalf = task.write_data(os.path.join(base, "data"), c.task, c.seed)
         tok_dir = os.path.join(base, "tokenizer")
-        numbers.build_tokenizer(tok_dir)
+        task.build_tokenizer(tok_dir)
         if run_files.is_remote(c.run_dir) and jax.process_index() == 0:
             for name in ("data", "tokenizer"):
                 run_files.upload_dir(os.path.join(base, name), run_files.join(c.run_dir, name))
@@ -71,8 +70,10 @@ def reward_specs(c: Config) -> list[tuple[str, float, dict]]:
         if unknown:
             raise ConfigError(f"reward.functions[{i}] has unknown keys {sorted(unknown)}; use name, weight, kwargs")
         specs.append((str(spec["name"]), float(spec.get("weight", 1.0)), dict(spec.get("kwargs") or {})))
-    if not specs and c.task.name == "numbers":
-        specs = [("lad_jax.tasks.numbers:reward_fn", 1.0, {})]
+    if not specs and c.task.name != "none":
+        from lad_jax.tasks import get_task
+
+        specs = [(get_task(c.task.name).reward, 1.0, {})]
     return specs
 
 

@@ -37,6 +37,7 @@ from lad_jax.checkpoint import CheckpointError, CheckpointManager, install_preem
 from lad_jax.config import Config
 from lad_jax.metrics_log import MetricsWriter, WandbOptions
 from lad_jax.models import lora
+from lad_jax.tasks import get_task
 from lad_jax.train_step import (TrainStep, batch_sharding, checkpointed, full_params, init_train_state,
                                 make_logprob_fn)
 
@@ -158,17 +159,16 @@ class Trainer:
         return lora.merge_params(frozen, copy)
 
     def _initial_params(self):
-        """The policy before RL (init_from or the seeded scratch init, then the numbers task's warm start): a pure
+        """The policy before RL (init_from or the seeded scratch init, then the task's warm start, if any): a pure
         function of the config, so a resumed run rebuilds the same reference policy."""
         c = self.c
         params = self.s.params
-        if c.task.name == "numbers" and c.task.sft_steps > 0:
-            from lad_jax.tasks import sft
-
-            t0 = time.perf_counter()
-            params, loss = sft.warm_start(self.s.graphdef, params, self.s.tokenizer, steps=c.task.sft_steps,
-                                          batch_size=c.task.sft_batch_size, lr=c.task.sft_lr,
-                                          correct_fraction=c.task.sft_correct_fraction, seed=c.seed, log=self.log)
+        task = get_task(c.task.name)
+        t0 = time.perf_counter()
+        warm = None if task is None or task.warm_start is None else task.warm_start(
+            self.s.graphdef, params, self.s.tokenizer, c.task, c.seed, self.log)
+        if warm is not None:
+            params, loss = warm
             self.log(f"warm-start done in {time.perf_counter() - t0:.1f}s (loss {loss:.3f})")
             params = jax.tree.map(distributed.global_array, params, full_params(self.s.shardings))  # host -> mesh
         return params

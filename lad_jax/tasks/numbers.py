@@ -195,3 +195,27 @@ def diversity_stats(dist: dict[str, np.ndarray]) -> dict[str, float]:
         top.append(float(q.max()))
     return {"accuracy": float(np.mean(acc)), "correct_entropy": float(np.mean(ent)),
             "effective_correct": float(np.mean(np.exp(ent))), "top_share": float(np.mean(top))}
+
+
+def _write_data(out_dir: str, t, seed: int) -> tuple[str, str]:
+    return write_data(out_dir, num_train=t.num_train_prompts, num_eval=t.num_eval_prompts, seed=seed)
+
+
+def _warm_start(graphdef, params, tokenizer, t, seed: int, log):
+    """The supervised prelude (`lad_jax.tasks.sft`) for `task.sft_steps` steps; None when that is 0."""
+    if t.sft_steps <= 0:
+        return None
+    from lad_jax.tasks import sft
+
+    return sft.warm_start(graphdef, params, tokenizer, steps=t.sft_steps, batch_size=t.sft_batch_size, lr=t.sft_lr,
+                          correct_fraction=t.sft_correct_fraction, seed=seed, log=log)
+
+
+def _task():
+    from lad_jax.tasks import Task
+
+    return Task(name="numbers", write_data=_write_data, build_tokenizer=build_tokenizer,
+                reward="lad_jax.tasks.numbers:reward_fn", warm_start=_warm_start)
+
+
+TASK = _task()
