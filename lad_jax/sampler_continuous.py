@@ -45,7 +45,7 @@ from lad_jax import distributed, sampler_loop
 from lad_jax.models.attention import dense_attention
 from lad_jax.models.cache import LAYER_CACHE_LAYOUT, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS
 from lad_jax.models.transformer import decoder_layer, rms_norm
-from lad_jax.sampler import SampleOutput, _call_key, _resolve_mesh, _resolve_sampling, bucket_length
+from lad_jax.sampler import SampleOutput, _call_key, _resolve_mesh, _resolve_sampling, prompt_batch
 from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens_from_uniform
 from lad_jax.sharding import constrain, spec_for_shape
 
@@ -289,25 +289,17 @@ def generate_continuous(
     `max_new_tokens_r`: optional per-request budgets (one per row, `P * G`, each in [1, max_new_tokens]).
     `decode_slots`: default `default_decode_slots`. `decode_phases`: the attention-window schedule, as in `generate`
     (`decode_windows`; each window is one more compiled phase). `stats`, if given, receives `steps` (model steps
-    run), `slot_steps` (steps * slots) for utilisation measurements and `phases` (window changes + 1). Other arguments as in `generate`; with several
-    processes every process passes the same arguments and gets the whole output.
+    run), `slot_steps` (steps * slots) for utilisation measurements and `phases` (window changes + 1). Other arguments
+    as in `generate`; with several processes every process passes the same arguments and gets the whole output.
     """
     method = _resolve_sampling(sampling, temperature, top_k, top_p)
-    if isinstance(prompts, (str, bytes)) or not len(prompts):
-        raise ValueError("generate_continuous: prompts must be a non-empty list of token-id lists")
-    prompts = [list(map(int, p)) for p in prompts]
-    if any(not p for p in prompts):
-        raise ValueError("generate_continuous: every prompt needs at least one token")
     max_new_tokens, num_samples = int(max_new_tokens), int(num_samples)
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ValueError(f"generate_continuous: max_new_tokens and num_samples must be >= 1, got {max_new_tokens}, "
-                         f"{num_samples}")
     config = model.config
-    for name, ids in (("prompts", [t for p in prompts for t in p]), ("stop_token_ids", list(stop_token_ids))):
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"generate_continuous: {name} contains token ids outside [0, {config.vocab_size}): "
-                             f"{bad[:5]}")
+    batch = prompt_batch("generate_continuous", config, prompts, max_new_tokens=max_new_tokens,
+                         num_samples=num_samples, stop_token_ids=stop_token_ids, pad_id=pad_id,
+                         min_prompt_bucket=min_prompt_bucket)
+    prompts, lp = batch.prompts, batch.lp
+    tokens_pl, valid_pl, positions_pl, lengths_p = batch.tokens_pl, batch.valid_pl, batch.positions_pl, batch.lengths_p
     num_prompts = len(prompts)
     num_r = num_prompts * num_samples
     if max_new_tokens_r is None:
@@ -327,24 +319,13 @@ def generate_continuous(
     multi = jax.process_count() > 1
     if multi and (mesh is None or seed is None):
         raise ValueError("generate_continuous: with several processes pass the global mesh= and seed=")
-    lp = bucket_length(max(len(p) for p in prompts), min_prompt_bucket)
     ends = [e for e, _ in sampler_loop.decode_windows(lp, max_new_tokens, decode_phases)]
-    if lp + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"generate_continuous: bucketed prompt length {lp} + max_new_tokens {max_new_tokens} "
-                         f"exceeds the model's max_position_embeddings={config.max_position_embeddings}")
-    tokens_pl = np.full((num_prompts, lp), pad_id, np.int32)
-    valid_pl = np.zeros((num_prompts, lp), bool)
-    for i, p in enumerate(prompts):
-        tokens_pl[i, lp - len(p):] = p
-        valid_pl[i, lp - len(p):] = True
-    positions_pl = np.maximum(np.cumsum(valid_pl, axis=1) - 1, 0).astype(np.int32)
-    lengths_p = valid_pl.sum(axis=1).astype(np.int32)
-    stop_ids = np.asarray(list(stop_token_ids) or [-1], np.int32)
+    stop_ids = batch.stop_ids
     key = _call_key(seed)
     if multi:
         distributed.check_same("generate_continuous: the prompts, sampling settings or seeds", prompts,
-                               max_new_tokens, num_samples, budget_r.tolist(), slots, method, list(stop_token_ids),
-                               pad_id, np.asarray(jax.random.key_data(key)).tolist())
+                               max_new_tokens, num_samples, budget_r.tolist(), slots, int(decode_phases), method,
+                               list(stop_token_ids), pad_id, np.asarray(jax.random.key_data(key)).tolist())
     graphdef, state = nnx.split(model)
     dtype = config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
 

@@ -126,3 +126,16 @@ def test_windows_grow_and_shrink(models):
         np.testing.assert_allclose(np.asarray(out.logprobs_bt)[r, : budgets[r]],
                                    np.asarray(full.logprobs_bt)[r, : budgets[r]], atol=1e-5)
     assert stats["phases"] == 4, stats
+
+
+def test_bad_input_is_rejected_as_in_generate(models):
+    """The argument checks are `sampler.prompt_batch`'s, shared with `generate`."""
+    _, model, _ = models
+    with pytest.raises(ValueError, match="generate_continuous: prompts\\[1\\] is empty"):
+        generate_continuous(model, [[1], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="generate_continuous: stop_token_ids"):
+        generate_continuous(model, [[1]], max_new_tokens=4, stop_token_ids=[10**6])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate_continuous(model, [[1]], max_new_tokens=model.config.max_position_embeddings)
+    with pytest.raises(ValueError, match="decode_phases"):
+        generate_continuous(model, [[1]], max_new_tokens=4, decode_phases=0)
