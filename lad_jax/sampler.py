@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import secrets
 from typing import Sequence
 
@@ -131,6 +132,53 @@ def _call_key(seed) -> jax.Array:
     return jax.random.key(int(seed))
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Checked prompts, left-padded to the bucket `lp` (padding is masked out; positions count real tokens only)."""
+
+    prompts: list  # list[list[int]]: the prompts as int lists
+    lp: int  # the bucketed prompt length
+    tokens_pl: np.ndarray  # int32 [P, Lp] left-padded with pad_id
+    valid_pl: np.ndarray  # bool [P, Lp] real tokens
+    positions_pl: np.ndarray  # int32 [P, Lp]
+    lengths_p: np.ndarray  # int32 [P]
+    stop_ids: np.ndarray  # int32 [>= 1] the stop ids ([-1] when none: matches no token)
+
+
+def prompt_batch(caller: str, config, prompts, *, max_new_tokens: int, num_samples: int, stop_token_ids, pad_id: int,
+                 min_prompt_bucket: int) -> PromptBatch:
+    """Validate the arguments `generate` and `generate_continuous` share (errors name `caller`) and build the
+    left-padded prompt arrays."""
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError(f"{caller}: prompts must be a non-empty list of token-id lists")
+    prompts = [list(map(int, p)) for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"{caller}: prompts[{i}] is empty; every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"{caller}: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"{caller}: num_samples must be >= 1, got {num_samples}")
+    vocab = config.vocab_size
+    for name, ids in (("prompts", [t for p in prompts for t in p]), ("stop_token_ids", list(stop_token_ids))):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{caller}: {name} contains token ids outside [0, {vocab}): {bad[:5]}")
+    lp = bucket_length(max(len(p) for p in prompts), min_prompt_bucket)
+    if lp + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"{caller}: bucketed prompt length {lp} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}; shorten prompts or max_new_tokens")
+    tokens_pl = np.full((len(prompts), lp), pad_id, np.int32)
+    valid_pl = np.zeros((len(prompts), lp), bool)
+    for i, p in enumerate(prompts):
+        tokens_pl[i, lp - len(p):] = p
+        valid_pl[i, lp - len(p):] = True
+    return PromptBatch(prompts=prompts, lp=lp, tokens_pl=tokens_pl, valid_pl=valid_pl,
+                       positions_pl=np.maximum(np.cumsum(valid_pl, axis=1) - 1, 0).astype(np.int32),
+                       lengths_p=valid_pl.sum(axis=1).astype(np.int32),
+                       stop_ids=np.asarray(list(stop_token_ids) or [-1], np.int32))
+
 
 def _unchanged(tree):
     """Single-process inputs need no placement beyond what jit does."""
@@ -169,27 +217,15 @@ def generate(
     e.g. a tensor axis spanning hosts), and every process gets back the whole output, the same as one process would.
     """
     method = _resolve_sampling(sampling, temperature, top_k, top_p)
-    if isinstance(prompts, (str, bytes)) or not len(prompts):
-        raise ValueError("generate: prompts must be a non-empty list of token-id lists")
-    prompts = [list(map(int, p)) for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"generate: prompts[{i}] is empty; every prompt needs at least one token")
-    if int(max_new_tokens) < 1:
-        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if int(num_samples) < 1:
-        raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
     if int(decode_phases) < 1:
         raise ValueError(f"generate: decode_phases must be >= 1, got {decode_phases}")
     max_new_tokens, num_samples = int(max_new_tokens), int(num_samples)
     config = model.config
-    vocab = config.vocab_size
-    for name, ids in (("prompts", [t for p in prompts for t in p]), ("stop_token_ids", list(stop_token_ids))):
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"generate: {name} contains token ids outside [0, {vocab}): {bad[:5]}")
+    batch = prompt_batch("generate", config, prompts, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                         stop_token_ids=stop_token_ids, pad_id=pad_id, min_prompt_bucket=min_prompt_bucket)
+    prompts, lp = batch.prompts, batch.lp
+    tokens_pl, valid_pl, positions_pl, lengths_p = batch.tokens_pl, batch.valid_pl, batch.positions_pl, batch.lengths_p
     num_prompts = len(prompts)
-    lp = bucket_length(max(len(p) for p in prompts), min_prompt_bucket)
     mesh = _resolve_mesh(mesh)
     multi = jax.process_count() > 1
     if multi:
@@ -198,27 +234,14 @@ def generate(
                              "global prompts)")
         if seed is None:
             raise ValueError("generate: with several processes pass seed= (the same on every process)")
-    cache_len = lp + max_new_tokens
-    if cache_len > config.max_position_embeddings:
-        raise ValueError(
-            f"generate: bucketed prompt length {lp} + max_new_tokens {max_new_tokens} exceeds the model's "
-            f"max_position_embeddings={config.max_position_embeddings}; shorten prompts or max_new_tokens")
     windows = decode_windows(lp, max_new_tokens, decode_phases)
-
-    tokens_pl = np.full((num_prompts, lp), pad_id, np.int32)
-    valid_pl = np.zeros((num_prompts, lp), bool)
-    for i, p in enumerate(prompts):
-        tokens_pl[i, lp - len(p):] = p
-        valid_pl[i, lp - len(p):] = True
-    positions_pl = np.maximum(np.cumsum(valid_pl, axis=1) - 1, 0).astype(np.int32)
-    lengths_p = valid_pl.sum(axis=1).astype(np.int32)
 
     rep = lambda a: np.repeat(a, num_samples, axis=0)  # noqa: E731
     if share_prefix:
         pre_inputs, pre_samples = (tokens_pl, positions_pl, valid_pl), num_samples
     else:
         pre_inputs, pre_samples = (rep(tokens_pl), rep(positions_pl), rep(valid_pl)), 1
-    stop_ids = np.asarray(list(stop_token_ids) or [-1], np.int32)
+    stop_ids = batch.stop_ids
 
     key = _call_key(seed)
     if multi:

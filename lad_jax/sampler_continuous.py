@@ -1,9 +1,9 @@
-"""Continuous batching: a fixed number of decode slots streams all `P * G` requests inside one `lax.while_loop`.
+"""Continuous batching: a fixed number of decode slots streams all `P * G` requests through on-device loops.
 
 `generate_continuous(model, prompts, num_samples=G, decode_slots=S, ...)` returns the same `SampleOutput` as
 `sampler.generate` (row r = request r = sample `r % G` of prompt `r // G`), but decodes with S slots instead of one row
 per request: when a slot's request emits a stop token or reaches its budget (`max_new_tokens`, or its own entry of
-`max_new_tokens_r`), the slot takes the next pending request at once, on device, in the same loop iteration. Static
+`max_new_tokens_r`), the slot takes the next pending request at once, on device, before the next model step. Static
 batching keeps every row's slot until the longest row of the batch ends, so on a long-tailed length mix most of its
 slot-steps are padding; here a slot only idles once no request is left.
 
@@ -11,14 +11,19 @@ Flow:
 1. The P prompts are left-padded to a bucket `Lp` and prefilled once (`sampler_loop.prefill`, `cache_len = Lp`): a
    prefix store of P prompt caches and P last-position logits (prefix sharing: a prompt is prefilled once, not G
    times).
-2. One jitted `lax.while_loop` (`run`): each iteration runs one model step over all S slots (a slot at response
-   position n feeds its token n - 1 and writes its key/value at cache slot `Lp + n - 1`, per slot, so slots at
-   different positions share the step), draws each live slot's token n, retires slots that stopped or hit their
-   budget, and refills free slots in request order: the slot's first `Lp` cache slots get the request's prompt cache
-   copied from the prefix store and its token 0 is drawn from the prompt's prefill logits (no model step). Stale
-   keys/values behind a refilled slot's position are masked out, so nothing is cleared. Nothing returns to the host
-   until every request is done, and the slot count, `Lp` and `max_new_tokens` are the only shapes: a new request
-   never recompiles.
+2. `start` (jitted) gives every slot a request; then jitted `phase`s run `lax.while_loop`s: each iteration runs one
+   model step over all S slots (a slot at response position n feeds its token n - 1 and writes its key/value at
+   cache slot `Lp + n - 1`, per slot, so slots at different positions share the step), draws each live slot's token
+   n and retires slots that stopped or hit their budget; once a slot is free while requests are pending, free slots
+   are refilled in request order: the slot's first `Lp` cache slots get the request's prompt cache copied from the
+   prefix store and its token 0 is drawn from the prompt's prefill logits (no model step). Stale keys/values behind
+   a refilled slot's position are masked out, so nothing is cleared.
+3. Attention windows, as in the static sampler's `decode_windows` schedule: a phase's slot caches hold `Lp + end`
+   cache slots, the smallest scheduled window covering every active slot's position, and the phase ends when that
+   changes (a slot outgrows the window, or the longest slots retire and a smaller window covers the rest). The host
+   reads one scalar per phase, `resize`s the caches (layer by layer) and dispatches the next phase. Attending over
+   the whole `Lp + max_new_tokens` every step made same-length rollouts ~25% slower than static batching. The slot
+   count, `Lp`, `max_new_tokens` and the window are the only shapes: a refill never recompiles.
 
 RNG: the same per-request stream as the static sampler: request r's token t uses `uniform(fold_in(key, r), [T])[t]`,
 with `key` derived from `seed` as in `generate`. A request's tokens and behaviour log-probs therefore depend only on
@@ -38,9 +43,9 @@ from jax.sharding import NamedSharding
 
 from lad_jax import distributed, sampler_loop
 from lad_jax.models.attention import dense_attention
-from lad_jax.models.cache import LAYER_CACHE_LAYOUT, LAYER_CACHE_LOGICAL_AXES
+from lad_jax.models.cache import LAYER_CACHE_LAYOUT, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS
 from lad_jax.models.transformer import decoder_layer, rms_norm
-from lad_jax.sampler import SampleOutput, _call_key, _resolve_mesh, _resolve_sampling, bucket_length
+from lad_jax.sampler import SampleOutput, _call_key, _resolve_mesh, _resolve_sampling, prompt_batch
 from lad_jax.sampling import Sampling, SamplingMode, SamplingParams, sample_tokens_from_uniform
 from lad_jax.sharding import constrain, spec_for_shape
 
@@ -67,14 +72,14 @@ class SlotState:
     logprobs_rt: jax.Array
     lengths_r: jax.Array
     stopped_r: jax.Array
+    uniform_rt: jax.Array  # float32 [R, T] the RNG stream: request r's U[0, 1) draw for token t
 
 
-def _emit(s: SlotState, sel_s, logits_sv, uniform_rt, budget_r, stop_ids, params: SamplingParams,
-          mode: SamplingMode) -> SlotState:
+def _emit(s: SlotState, sel_s, logits_sv, budget_r, stop_ids, params: SamplingParams, mode: SamplingMode) -> SlotState:
     """Draw token `n_s` of each selected slot's request from its logits and record it; retire finished slots."""
-    num_r, t = uniform_rt.shape
+    num_r, t = s.uniform_rt.shape
     r_s, n_s = jnp.clip(s.req_s, 0, num_r - 1), jnp.clip(s.n_s, 0, t - 1)
-    tok_s, logp_s = sample_tokens_from_uniform(logits_sv, uniform_rt[r_s, n_s], params, mode)
+    tok_s, logp_s = sample_tokens_from_uniform(logits_sv, s.uniform_rt[r_s, n_s], params, mode)
     stop_s = jnp.any(tok_s[:, None] == stop_ids[None, :], axis=-1)
     done_s = stop_s | (n_s + 1 >= budget_r[r_s])
     w_s = jnp.where(sel_s, r_s, num_r)  # unselected slots write out of range (dropped)
@@ -89,10 +94,10 @@ def _emit(s: SlotState, sel_s, logits_sv, uniform_rt, budget_r, stop_ids, params
     )
 
 
-def _refill(s: SlotState, prefix, logits_pv, uniform_rt, budget_r, stop_ids, params, mode, num_samples):
+def _refill(s: SlotState, prefix, logits_pv, budget_r, stop_ids, params, mode, num_samples):
     """Give free slots the next pending requests (in request order) and draw their token 0 from the prefill logits;
     repeated while a request retires at once (stop token or budget 1) and requests are pending."""
-    num_r = uniform_rt.shape[0]
+    num_r = s.uniform_rt.shape[0]
 
     def pending(s):
         return jnp.any(~s.active_s) & (s.next_r < num_r)
@@ -116,7 +121,7 @@ def _refill(s: SlotState, prefix, logits_pv, uniform_rt, budget_r, stop_ids, par
         cache = dict(s.cache, k=copy("k", s.cache["k"]), v=copy("v", s.cache["v"]))
         s = s.replace(cache=cache, req_s=req_s, n_s=jnp.where(assign_s, 0, s.n_s),
                       next_r=s.next_r + jnp.sum(assign_s.astype(jnp.int32)))
-        return _emit(s, assign_s, jnp.take(logits_pv, p_s, axis=0), uniform_rt, budget_r, stop_ids, params, mode)
+        return _emit(s, assign_s, jnp.take(logits_pv, p_s, axis=0), budget_r, stop_ids, params, mode)
 
     return jax.lax.while_loop(pending, fill, s)
 
@@ -144,56 +149,118 @@ def _slot_step(model, layer_params, tokens_s1, pos_s1, cache, write_s, mask_s1w)
     return x, dict(cache, k=tuple(new_k), v=tuple(new_v))
 
 
-def _run_impl(graphdef, state, weights, prefix, logits_pv, valid_pl, lengths_p, budget_r, stop_ids,
-              params: SamplingParams, key, pad_id, *, mode: SamplingMode, num_samples: int, slots: int,
-              max_new_tokens: int, cache_dtype):
+def _need(s: SlotState) -> jax.Array:
+    """The response positions the next step needs: the largest `n_s` of an active slot (a slot at `n` writes cache
+    slot `Lp + n - 1` and attends `Lp + n` slots); 0 once no slot is active."""
+    return jnp.max(jnp.where(s.active_s, s.n_s, 0))
+
+
+def _start_impl(prefix, logits_pv, budget_r, stop_ids, params: SamplingParams, key, pad_id, *, mode: SamplingMode,
+                num_samples: int, slots: int, max_new_tokens: int, window: int):
+    """The loop's first state: empty slot caches of `window` cache slots, every slot given a request."""
+    sampler_loop.TRACES["continuous_start"] += 1
+    num_r, t = budget_r.shape[0], max_new_tokens
+    # the static sampler's per-request stream (sampler_loop.start): request r's token t draws uniform_rt[r, t]
+    keys_r = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(num_r, dtype=jnp.uint32))
+    uniform_rt = jax.vmap(lambda k: jax.random.uniform(k, (t,), jnp.float32))(keys_r)
+
+    def empty(name, pre):  # a prefix cache [P, ...] with the sequence axis at `window`, over S slots
+        shape = list(pre.shape)
+        shape[0], shape[LAYER_CACHE_SEQUENCE_AXIS[name]] = slots, window
+        return constrain(jnp.zeros(shape, pre.dtype), LAYER_CACHE_LOGICAL_AXES[name])
+
+    cache = {name: tuple(empty(name, pre) for pre in prefix[name]) for name in ("k", "v")}
+    cache["index"] = jnp.zeros((), jnp.int32)  # unused: every slot writes at its own position
+    zero_s = constrain(jnp.zeros((slots,), jnp.int32), ("batch",))
+    s = SlotState(cache=cache, req_s=zero_s, n_s=zero_s, last_s=zero_s, active_s=zero_s > 0,
+                  next_r=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32),
+                  tokens_rt=jnp.full((num_r, t), pad_id, jnp.int32), logprobs_rt=jnp.zeros((num_r, t), jnp.float32),
+                  lengths_r=jnp.zeros((num_r,), jnp.int32), stopped_r=jnp.zeros((num_r,), bool),
+                  uniform_rt=uniform_rt)
+    s = _refill(s, prefix, logits_pv, budget_r, stop_ids, params, mode, num_samples)
+    return s, _need(s)
+
+
+start = jax.jit(_start_impl, static_argnames=("mode", "num_samples", "slots", "max_new_tokens", "window"))
+
+
+def _phase_impl(graphdef, state, weights, s: SlotState, prefix, logits_pv, valid_pl, lengths_p, budget_r, stop_ids,
+                params: SamplingParams, *, mode: SamplingMode, num_samples: int, low: int, end: int):
+    """Steps over slot caches of `Lp + end` cache slots while the active slots need more than `low` and at most `end`
+    response positions (`_need`): the window covers every active slot, and no smaller window of the schedule would.
+    Returns the state and its `_need`, from which the host picks the next phase's window."""
     sampler_loop.TRACES["continuous"] += 1
     model = nnx.merge(graphdef, state)
     # `sampler_loop.decode_weights`: compute dtype, made once per call (no FSDP gathers inside the loop)
     top, layer_params = weights
     for name, w in top.items():  # set_value replaces the array (`[...] =` would cast back to the param dtype)
         getattr(model, name).set_value(w)
-    num_r, t = budget_r.shape[0], max_new_tokens
     lp = valid_pl.shape[1]
-    window = lp + t
-    # the static sampler's per-request stream (sampler_loop.start): request r's token t draws uniform_rt[r, t]
-    keys_r = jax.vmap(lambda r: jax.random.fold_in(key, r))(jnp.arange(num_r, dtype=jnp.uint32))
-    uniform_rt = jax.vmap(lambda k: jax.random.uniform(k, (t,), jnp.float32))(keys_r)
-    c = model.config
-    kv = (c.num_kv_heads, c.head_dim)
-    cache = {
-        "k": tuple(constrain(jnp.zeros((slots, kv[0], kv[1], window), cache_dtype), LAYER_CACHE_LOGICAL_AXES["k"])
-                   for _ in range(c.num_layers)),
-        "v": tuple(constrain(jnp.zeros((slots, kv[0], window, kv[1]), cache_dtype), LAYER_CACHE_LOGICAL_AXES["v"])
-                   for _ in range(c.num_layers)),
-        "index": jnp.zeros((), jnp.int32),  # unused: every slot writes at its own position
-    }
-    zero_s = constrain(jnp.zeros((slots,), jnp.int32), ("batch",))
-    s = SlotState(cache=cache, req_s=zero_s, n_s=zero_s, last_s=zero_s, active_s=zero_s > 0,
-                  next_r=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32),
-                  tokens_rt=jnp.full((num_r, t), pad_id, jnp.int32), logprobs_rt=jnp.zeros((num_r, t), jnp.float32),
-                  lengths_r=jnp.zeros((num_r,), jnp.int32), stopped_r=jnp.zeros((num_r,), bool))
-    refill = lambda s: _refill(s, prefix, logits_pv, uniform_rt, budget_r, stop_ids, params, mode,  # noqa: E731
-                               num_samples)
+    window = lp + end
     cache_slots = jnp.arange(window)
 
     def body(s: SlotState) -> SlotState:
-        p_s = jnp.clip(s.req_s, 0, num_r - 1) // num_samples
-        valid_sw = jnp.pad(jnp.take(valid_pl, p_s, axis=0), ((0, 0), (0, t)))
+        p_s = jnp.clip(s.req_s, 0, budget_r.shape[0] - 1) // num_samples
+        valid_sw = jnp.pad(jnp.take(valid_pl, p_s, axis=0), ((0, 0), (0, end)))
         mask_s1w = (valid_sw | ((cache_slots[None, :] >= lp) & (cache_slots[None, :] < lp + s.n_s[:, None])))[:, None]
         pos_s1 = (jnp.take(lengths_p, p_s) + s.n_s - 1)[:, None]
         hidden_s1d, cache = _slot_step(model, layer_params, s.last_s[:, None], pos_s1, s.cache, lp + s.n_s - 1,
                                        mask_s1w)
         s = s.replace(cache=cache, steps=s.steps + 1)
-        s = _emit(s, s.active_s, model.logits(hidden_s1d)[:, 0], uniform_rt, budget_r, stop_ids, params, mode)
-        return refill(s)
+        return _emit(s, s.active_s, model.logits(hidden_s1d)[:, 0], budget_r, stop_ids, params, mode)
 
-    s = jax.lax.while_loop(lambda s: jnp.any(s.active_s), body, refill(s))
-    return s.tokens_rt, s.logprobs_rt, s.lengths_r, s.stopped_r, s.steps
+    def fits(s: SlotState):
+        need = _need(s)
+        return (need > low) & (need <= end)
+
+    def until_refill(s: SlotState) -> SlotState:
+        # model steps until a slot is free while requests are pending (or the window no longer fits); the refill
+        # check is part of this loop's condition, so a step without a refill runs no extra control flow (a refill
+        # while_loop in every step cost ~7% of a tiny-model step on CPU)
+        pending = lambda s: jnp.any(~s.active_s) & (s.next_r < budget_r.shape[0])  # noqa: E731
+        s = jax.lax.while_loop(lambda s: fits(s) & ~pending(s), body, s)
+        return _refill(s, prefix, logits_pv, budget_r, stop_ids, params, mode, num_samples)
+
+    # every state entering a phase is refilled (`start`, or the refill that ends `until_refill`): each free slot
+    # takes the next request right after the step that freed it
+    s = jax.lax.while_loop(fits, until_refill, s)
+    return s, _need(s)
 
 
-run = jax.jit(_run_impl, static_argnames=("graphdef", "mode", "num_samples", "slots", "max_new_tokens",
-                                          "cache_dtype"))
+phase = jax.jit(_phase_impl, static_argnames=("graphdef", "mode", "num_samples", "low", "end"),
+                donate_argnames=("s",))
+
+
+def _resize_layer_impl(a, *, name: str, window: int):
+    """One layer's slot cache cut or zero-extended to `window` cache slots (everything an active slot has written
+    lies below the smaller of the two windows)."""
+    sampler_loop.TRACES["continuous_resize"] += 1
+    axis = LAYER_CACHE_SEQUENCE_AXIS[name]
+    if window < a.shape[axis]:
+        a = jax.lax.slice_in_dim(a, 0, window, axis=axis)
+    else:
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, window - a.shape[axis])
+        a = jnp.pad(a, widths)
+    return constrain(a, LAYER_CACHE_LOGICAL_AXES[name])
+
+
+resize_layer = jax.jit(_resize_layer_impl, static_argnames=("name", "window"))
+
+
+def resize(s: SlotState, *, window: int) -> SlotState:
+    """`s` with its slot caches at `window` cache slots; consumes `s`. Layer by layer, deleting each old buffer once
+    its copy is dispatched (as `sampler_loop.grow`), so only one layer's old and new buffers coexist."""
+    if s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]] == window:
+        return s
+    cache = dict(s.cache)
+    for name in ("k", "v"):
+        out = []
+        for a in cache[name]:
+            out.append(resize_layer(a, name=name, window=window))
+            a.delete()
+        cache[name] = tuple(out)
+    return s.replace(cache=cache)
 
 
 def generate_continuous(
@@ -204,6 +271,7 @@ def generate_continuous(
     num_samples: int = 1,
     max_new_tokens_r: Sequence[int] | None = None,
     decode_slots: int | None = None,
+    decode_phases: int = 4,
     temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -219,26 +287,19 @@ def generate_continuous(
     """`sampler.generate` with continuous batching over `decode_slots` slots (see the module docstring).
 
     `max_new_tokens_r`: optional per-request budgets (one per row, `P * G`, each in [1, max_new_tokens]).
-    `decode_slots`: default `default_decode_slots`. `stats`, if given, receives `steps` (model steps run) and
-    `slot_steps` (steps * slots) for utilisation measurements. Other arguments as in `generate`; with several
-    processes every process passes the same arguments and gets the whole output.
+    `decode_slots`: default `default_decode_slots`. `decode_phases`: the attention-window schedule, as in `generate`
+    (`decode_windows`; each window is one more compiled phase). `stats`, if given, receives `steps` (model steps
+    run), `slot_steps` (steps * slots) for utilisation measurements and `phases` (window changes + 1). Other arguments
+    as in `generate`; with several processes every process passes the same arguments and gets the whole output.
     """
     method = _resolve_sampling(sampling, temperature, top_k, top_p)
-    if isinstance(prompts, (str, bytes)) or not len(prompts):
-        raise ValueError("generate_continuous: prompts must be a non-empty list of token-id lists")
-    prompts = [list(map(int, p)) for p in prompts]
-    if any(not p for p in prompts):
-        raise ValueError("generate_continuous: every prompt needs at least one token")
     max_new_tokens, num_samples = int(max_new_tokens), int(num_samples)
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ValueError(f"generate_continuous: max_new_tokens and num_samples must be >= 1, got {max_new_tokens}, "
-                         f"{num_samples}")
     config = model.config
-    for name, ids in (("prompts", [t for p in prompts for t in p]), ("stop_token_ids", list(stop_token_ids))):
-        bad = [t for t in ids if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"generate_continuous: {name} contains token ids outside [0, {config.vocab_size}): "
-                             f"{bad[:5]}")
+    batch = prompt_batch("generate_continuous", config, prompts, max_new_tokens=max_new_tokens,
+                         num_samples=num_samples, stop_token_ids=stop_token_ids, pad_id=pad_id,
+                         min_prompt_bucket=min_prompt_bucket)
+    prompts, lp = batch.prompts, batch.lp
+    tokens_pl, valid_pl, positions_pl, lengths_p = batch.tokens_pl, batch.valid_pl, batch.positions_pl, batch.lengths_p
     num_prompts = len(prompts)
     num_r = num_prompts * num_samples
     if max_new_tokens_r is None:
@@ -253,26 +314,18 @@ def generate_continuous(
     slots = default_decode_slots(num_r, shards) if decode_slots is None else int(decode_slots)
     if slots < 1:
         raise ValueError(f"generate_continuous: decode_slots must be >= 1, got {decode_slots}")
+    if int(decode_phases) < 1:
+        raise ValueError(f"generate_continuous: decode_phases must be >= 1, got {decode_phases}")
     multi = jax.process_count() > 1
     if multi and (mesh is None or seed is None):
         raise ValueError("generate_continuous: with several processes pass the global mesh= and seed=")
-    lp = bucket_length(max(len(p) for p in prompts), min_prompt_bucket)
-    if lp + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"generate_continuous: bucketed prompt length {lp} + max_new_tokens {max_new_tokens} "
-                         f"exceeds the model's max_position_embeddings={config.max_position_embeddings}")
-    tokens_pl = np.full((num_prompts, lp), pad_id, np.int32)
-    valid_pl = np.zeros((num_prompts, lp), bool)
-    for i, p in enumerate(prompts):
-        tokens_pl[i, lp - len(p):] = p
-        valid_pl[i, lp - len(p):] = True
-    positions_pl = np.maximum(np.cumsum(valid_pl, axis=1) - 1, 0).astype(np.int32)
-    lengths_p = valid_pl.sum(axis=1).astype(np.int32)
-    stop_ids = np.asarray(list(stop_token_ids) or [-1], np.int32)
+    ends = [e for e, _ in sampler_loop.decode_windows(lp, max_new_tokens, decode_phases)]
+    stop_ids = batch.stop_ids
     key = _call_key(seed)
     if multi:
         distributed.check_same("generate_continuous: the prompts, sampling settings or seeds", prompts,
-                               max_new_tokens, num_samples, budget_r.tolist(), slots, method, list(stop_token_ids),
-                               pad_id, np.asarray(jax.random.key_data(key)).tolist())
+                               max_new_tokens, num_samples, budget_r.tolist(), slots, int(decode_phases), method,
+                               list(stop_token_ids), pad_id, np.asarray(jax.random.key_data(key)).tolist())
     graphdef, state = nnx.split(model)
     dtype = config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
 
@@ -292,18 +345,32 @@ def generate_continuous(
         weights = sampler_loop.decode_weights(graphdef, state)
         key_data = put_replicated(np.asarray(jax.random.key_data(key)))
         params = jax.tree.map(lambda a: put_replicated(np.asarray(a)), method.params())
-        tokens_rt, logprobs_rt, lengths_r, stopped_r, steps = run(
-            graphdef, state, weights, prefix, logits_pv, put_replicated(valid_pl), put_replicated(lengths_p),
-            put_replicated(budget_r), put_replicated(stop_ids), params,
-            jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key)),
-            put_replicated(np.asarray(pad_id, np.int32)), mode=method.mode, num_samples=num_samples, slots=slots,
-            max_new_tokens=max_new_tokens, cache_dtype=dtype)
+        valid_d, lengths_d, budget_d, stop_d = (put_replicated(a) for a in (valid_pl, lengths_p, budget_r, stop_ids))
+        s, need = start(prefix, logits_pv, budget_d, stop_d, params,
+                        jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key)),
+                        put_replicated(np.asarray(pad_id, np.int32)), mode=method.mode, num_samples=num_samples,
+                        slots=slots, max_new_tokens=max_new_tokens, window=lp + ends[0])
+        phases = 0
+        # Each phase attends over the smallest scheduled window covering every active slot and ends when that
+        # window changes (a slot outgrows it, or the longest slots retire and a smaller one suffices); the host
+        # reads one scalar per phase to pick the next window. Windows are the schedule's few static shapes, so a
+        # refill never recompiles.
+        while (need := int(need)) > 0:
+            j = next(i for i, e in enumerate(ends) if e >= need)
+            s = resize(s, window=lp + ends[j])
+            s, need = phase(graphdef, state, weights, s, prefix, logits_pv, valid_d, lengths_d, budget_d, stop_d,
+                            params, mode=method.mode, num_samples=num_samples, low=ends[j - 1] if j else 0,
+                            end=ends[j])
+            phases += 1
+        tokens_rt, logprobs_rt, lengths_r, stopped_r = s.tokens_rt, s.logprobs_rt, s.lengths_r, s.stopped_r
+        steps = s.steps
         if multi:
             tokens_rt, logprobs_rt, lengths_r, stopped_r = (
                 jnp.asarray(distributed.to_host(x)) for x in (tokens_rt, logprobs_rt, lengths_r, stopped_r))
     if stats is not None:
         stats["steps"] = int(steps)
         stats["slot_steps"] = int(steps) * slots
+        stats["phases"] = phases
     rep = lambda a: np.repeat(a, num_samples, axis=0)  # noqa: E731
     return SampleOutput(
         tokens_bt=tokens_rt, logprobs_bt=logprobs_rt, lengths_b=lengths_r, stopped_b=stopped_r,

@@ -106,3 +106,36 @@ def test_sharded_equals_single_device(models):
     assert default_decode_slots(len(prompts) * 2, 4) == 4  # 8 requests over 4 slots, one per (data, fsdp) shard
     out = generate_continuous(sharded, prompts, mesh=mesh, **kw)
     _same(out, single)
+
+
+def test_windows_grow_and_shrink(models):
+    """Over several attention windows (64 new tokens: windows of 32 and 64 response slots) a phase ends when a slot
+    outgrows its window or the longest slot retires and the smaller window covers the rest; tokens stay the static
+    sampler's."""
+    _, model, _ = models
+    kw = dict(max_new_tokens=64, num_samples=G, pad_id=PAD, seed=4, temperature=1.0)
+    full = generate(model, PROMPTS, **kw)
+    # 2 slots (no stop ids: the budgets fix the schedule): slot 0 serves request 0 and slot 1 requests 1-5, so
+    # request 0 runs past 32 tokens (phase 2: grow), retires at step 63 while request 5 is at ~17 tokens (phase 3:
+    # shrink), and request 5 runs past 32 (phase 4: grow)
+    budgets = [64, 5, 3, 40, 2, 64, 7, 1, 9]
+    stats = {}
+    out = generate_continuous(model, PROMPTS, max_new_tokens_r=budgets, decode_slots=2, stats=stats, **kw)
+    for r, (got, ref) in enumerate(zip(out.responses(), full.responses())):
+        assert got == ref[: budgets[r]]
+        np.testing.assert_allclose(np.asarray(out.logprobs_bt)[r, : budgets[r]],
+                                   np.asarray(full.logprobs_bt)[r, : budgets[r]], atol=1e-5)
+    assert stats["phases"] == 4, stats
+
+
+def test_bad_input_is_rejected_as_in_generate(models):
+    """The argument checks are `sampler.prompt_batch`'s, shared with `generate`."""
+    _, model, _ = models
+    with pytest.raises(ValueError, match="generate_continuous: prompts\\[1\\] is empty"):
+        generate_continuous(model, [[1], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="generate_continuous: stop_token_ids"):
+        generate_continuous(model, [[1]], max_new_tokens=4, stop_token_ids=[10**6])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate_continuous(model, [[1]], max_new_tokens=model.config.max_position_embeddings)
+    with pytest.raises(ValueError, match="decode_phases"):
+        generate_continuous(model, [[1]], max_new_tokens=4, decode_phases=0)
