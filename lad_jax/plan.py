@@ -249,12 +249,13 @@ class Planner:
         return self._compile("recompute", lower, self.opt_bytes)
 
     def generate(self, label: str, prompts: int, samples: int, prompt_bucket: int, max_new_tokens: int,
-                 sampling):
+                 sampling, decode_slots: int = 0):
         """The phases of one `sampler.generate` call, compiled in its order by `sampler_plan.compile_rollout` (each
         phase's inputs are the previous phase's compiled outputs). `resident_bytes` adds what `generate` keeps alive
         beside the phase's own arguments: the optimizer state always; the params, the decode weights and the sampler
         state where they are not arguments; during a layer-by-layer cache growth, the other layers' buffers at the
-        worst moment (the last layer, every earlier one already grown)."""
+        worst moment (the last layer, every earlier one already grown). With `decode_slots` the phases are
+        `generate_continuous`'s (`sampler_plan.compile_continuous`), whose prefix store stays alive for the call."""
         from lad_jax import sampler_plan
 
         from lad_jax.train_step import full_params
@@ -263,9 +264,11 @@ class Planner:
         weights_bytes = 0
         state_bytes = 0  # the sampler state (cache and token buffers) the previous phase left
         grown_k = 0  # bytes the k buffers gained in this window's growth
-        phases = sampler_plan.compile_rollout(
-            self.model_config, self.mesh, prompts=prompts, num_samples=samples, prompt_bucket=prompt_bucket,
-            max_new_tokens=max_new_tokens, sampling=sampling)
+        prefix_bytes = 0  # continuous batching: the prefix store (prefill's outputs), an argument of every phase
+        shapes = dict(prompts=prompts, num_samples=samples, prompt_bucket=prompt_bucket, max_new_tokens=max_new_tokens,
+                      sampling=sampling)
+        phases = (sampler_plan.compile_continuous(self.model_config, self.mesh, decode_slots=decode_slots, **shapes)
+                  if decode_slots else sampler_plan.compile_rollout(self.model_config, self.mesh, **shapes))
         while True:
             t0 = time.perf_counter()
             try:
@@ -283,7 +286,7 @@ class Planner:
             if name == "prefill":
                 resident = self.opt_bytes
             elif name == "decode_weights":
-                resident = self.opt_bytes + state_bytes
+                resident = self.opt_bytes + state_bytes + prefix_bytes
             elif name == "start":
                 resident = self.opt_bytes + params_bytes + weights_bytes
             elif name.startswith("grow_"):
@@ -295,15 +298,17 @@ class Planner:
                     others = state_bytes - old + (layers - 1) * (out_bytes - old)
                 else:
                     others = state_bytes + grown_k - old + (layers - 1) * (out_bytes - old)
-                resident = self.opt_bytes + params_bytes + weights_bytes + others
+                resident = self.opt_bytes + params_bytes + weights_bytes + prefix_bytes + others
             else:  # decode: params, weights and the sampler state are its arguments
                 resident = self.opt_bytes
             self._record(f"{label}_{name.replace('@', '_')}", compiled, resident, dt)
-            if name == "prefill":
+            if name == "prefill" and decode_slots:
+                prefix_bytes = out_bytes
+            elif name == "prefill":
                 state_bytes = out_bytes
             elif name == "decode_weights":
                 weights_bytes = out_bytes
-            elif name == "start" or name.startswith("decode@"):
+            elif name == "start" or name.startswith(("decode@", "phase@")):
                 state_bytes, grown_k = out_bytes, 0
 
     def run_all(self, groups=GROUPS):
@@ -320,7 +325,7 @@ class Planner:
         r = c.rollout
         if "rollout" in groups:
             self.generate("rollout", r.prompts_per_step, r.num_samples, prompt_bucket(c), r.max_new_tokens,
-                          Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
+                          Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p), r.decode_slots)
         if c.eval.enabled and "eval" in groups:
             from lad_jax.sampler import bucket_length
             # the trainer's eval: min(#eval rows, 64) prompts per generate call, prompts bucketed to >= 16 slots
@@ -336,9 +341,6 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, grou
     from lad_jax.config import check_devices
     from lad_jax.sharding import make_mesh
 
-    if c.rollout.decode_slots:
-        raise PlanError(f"rollout.decode_slots={c.rollout.decode_slots}: the plan does not compile the "
-                        "continuous-batching sampler yet; plan the static rollout with rollout.decode_slots=0")
     from lad_jax.models.attention import target_platform
 
     platform = devices[0].platform

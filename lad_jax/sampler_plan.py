@@ -85,3 +85,66 @@ def compile_rollout(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_
                                                pad, mode=sampling.mode, end_step=end_step, window=window).compile()
             yield f"decode@{window}", decode
             s = _outputs(decode)
+
+
+def compile_continuous(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_samples: int, prompt_bucket: int,
+                       max_new_tokens: int, decode_slots: int, decode_phases: int = 4,
+                       sampling: Sampling = Sampling(), num_stop_ids: int = 1,
+                       cache_dtype=None) -> Iterator[tuple[str, jax.stages.Compiled]]:
+    """Yields (phase name, compiled executable) for one `sampler_continuous.generate_continuous` call with
+    `decode_slots` slots, in its order: "prefill" (the prefix store: each prompt once), "decode_weights", "start",
+    then for each attention window w the slot caches' resize from the previous window ("grow_k@w", "grow_v@w": one
+    layer's buffer; not for the first window) and "phase@w". Windows are visited in growing order, the largest
+    caches a call can reach; a real call may also shrink between them (cheaper)."""
+    from lad_jax import sampler_continuous
+
+    ends = [e for e, _ in sampler_loop.decode_windows(prompt_bucket, max_new_tokens, decode_phases)]
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+    state = jax.tree.map(_abstract, state, state_shardings(state, mesh))
+    replicated = NamedSharding(mesh, P())
+
+    def rows(shape, dtype):
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec_for_shape(names, shape, mesh)))
+
+    def small(tree):
+        return jax.tree.map(lambda x: _abstract(x, replicated), tree)
+
+    dtype = model_config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+    num_r = prompts * num_samples
+    with jax.set_mesh(mesh):
+        prefill = sampler_loop.prefill.lower(
+            graphdef, state, rows((prompts, prompt_bucket), jnp.int32), rows((prompts, prompt_bucket), jnp.int32),
+            rows((prompts, prompt_bucket), jnp.bool_), cache_len=prompt_bucket, num_samples=1,
+            cache_dtype=dtype).compile()
+        yield "prefill", prefill
+        logits_pv, prefix = _outputs(prefill)
+        weights_c = sampler_loop.decode_weights.lower(graphdef, state).compile()
+        yield "decode_weights", weights_c
+        weights = _outputs(weights_c)
+        stop_ids = small(jax.ShapeDtypeStruct((num_stop_ids,), jnp.int32))
+        params = small(jax.eval_shape(sampling.params))
+        key = small(jax.eval_shape(lambda: jax.random.key(0)))
+        pad = small(jax.ShapeDtypeStruct((), jnp.int32))
+        valid_pl = small(jax.ShapeDtypeStruct((prompts, prompt_bucket), jnp.bool_))
+        lengths_p, budget_r = (small(jax.ShapeDtypeStruct((n,), jnp.int32)) for n in (prompts, num_r))
+        start = sampler_continuous.start.lower(
+            prefix, logits_pv, budget_r, stop_ids, params, key, pad, mode=sampling.mode, num_samples=num_samples,
+            slots=decode_slots, max_new_tokens=max_new_tokens, window=prompt_bucket + ends[0]).compile()
+        yield "start", start
+        s, _ = _outputs(start)
+        for j, end in enumerate(ends):
+            window = prompt_bucket + end
+            if j:
+                resized = {}
+                for name in ("k", "v"):
+                    layer = sampler_continuous.resize_layer.lower(s.cache[name][0], name=name,
+                                                                  window=window).compile()
+                    yield f"grow_{name}@{window}", layer
+                    resized[name] = (_outputs(layer),) * model_config.num_layers
+                s = s.replace(cache=dict(s.cache, **resized))
+            phase = sampler_continuous.phase.lower(
+                graphdef, state, weights, s, prefix, logits_pv, valid_pl, lengths_p, budget_r, stop_ids, params,
+                mode=sampling.mode, num_samples=num_samples, low=ends[j - 1] if j else 0, end=end).compile()
+            yield f"phase@{window}", phase
+            s, _ = _outputs(phase)

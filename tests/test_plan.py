@@ -97,7 +97,20 @@ def test_topology_table_sizes():
         assert chips == (n // 2 if name.startswith(("v4", "v5p")) else n), name
 
 
-def test_continuous_batching_is_refused_not_misreported(capsys):
-    # the static sampler's phases would be the wrong programs for rollout.decode_slots > 0
-    assert plan.main(["--config", TINY, "--devices", "8", "rollout.decode_slots=8"]) == 2
-    assert "rollout.decode_slots=8" in capsys.readouterr().err
+def test_continuous_batching_plans_its_own_phases():
+    """rollout.decode_slots > 0: the plan compiles generate_continuous's programs (prefix store, slot phases per
+    attention window, slot-cache resizes), not the static sampler's."""
+    reports = {slots: plan.plan(load_config(TINY, [*OVERRIDES, f"rollout.decode_slots={slots}"]), jax.devices()[:8],
+                                groups=("rollout",)) for slots in (8, 16)}
+    names = [p["name"] for p in reports[8]["phases"]]
+    assert names == ["rollout_prefill", "rollout_decode_weights", "rollout_start", "rollout_phase_48",
+                     "rollout_grow_k_80", "rollout_grow_v_80", "rollout_phase_80"]
+    by = {s: {p["name"]: p for p in r["phases"]} for s, r in reports.items()}
+    for p in by[8].values():
+        assert p["argument_bytes"] > 0 and p["error"] is None, p
+    assert by[8]["rollout_phase_80"]["argument_bytes"] > by[8]["rollout_phase_48"]["argument_bytes"]  # wider window
+    assert by[16]["rollout_phase_80"]["argument_bytes"] > by[8]["rollout_phase_80"]["argument_bytes"]  # more slots
+    # the prefix store stays alive through a resize, beside the params and decode weights
+    assert by[8]["rollout_grow_k_80"]["resident_bytes"] > by[8]["rollout_start"]["resident_bytes"]
+    # the prefill is the prefix store's: each prompt once, whatever the slot count
+    assert by[8]["rollout_prefill"]["output_bytes"] == by[16]["rollout_prefill"]["output_bytes"]
