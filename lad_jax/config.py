@@ -28,7 +28,7 @@ class LoraSection:
     alpha: float = 16.0
     dropout: float = 0.0  # only 0 (see config_checks: dropout would make pi_theta != pi_old on-policy)
     targets: str = "wq|wk|wv|wo|w_gate|w_up|w_down"  # regex, full match over our projection names
-    quantize_base: str = "none"  # none | int8: the frozen base's projections stored int8 (QLoRA-style)
+    quantize_base: str = "none"  # none | int8 | nf4: the frozen base's projections stored quantized (QLoRA)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,8 +89,8 @@ def _decode_weights_impl(graphdef, state):
     model = nnx.merge(graphdef, state)
     c = model.config
     names = {name: axes[1:] for name, (_, axes, _) in layer_param_specs(c).items()}  # without the layers axis
-    # int8 (quantized LoRA base) weights stay int8: the layers dequantize them one at a time
-    layers = tuple({name: constrain(w if w.dtype == jnp.int8 else w.astype(c.jnp_dtype), names[name],
+    # quantized (LoRA base) weights stay int8 / uint4: the layers dequantize them one at a time
+    layers = tuple({name: constrain(w if w.dtype in (jnp.int8, jnp.uint4) else w.astype(c.jnp_dtype), names[name],
                                     DECODE_WEIGHT_RULES) for name, w in p.items()}
                    for p in model.layer_params())
     top = {name: constrain(getattr(model, name)[...].astype(c.jnp_dtype), axes, DECODE_WEIGHT_RULES)

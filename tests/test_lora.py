@@ -61,27 +61,35 @@ def test_peft_adapter_export_loads_onto_the_transformers_model(tmp_path):
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
-def test_int8_base_reads_sharded_quantizes_per_channel_and_exports_dequantized(tmp_path):
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_quantized_base_reads_sharded_and_exports_dequantized(kind, tmp_path):
+    from lad_jax.models import lora
     from lad_jax.sharding import make_mesh
 
     base = create_model(tiny_config("qwen2"), seed=0)
     save_pretrained(base, str(tmp_path / "base"))
-    spec = LoraSpec(rank=4, alpha=8.0, targets=resolve_targets("wq|wv"), quantize_base="int8")
+    spec = LoraSpec(rank=4, alpha=8.0, targets=resolve_targets("wq|wv"), quantize_base=kind)
     whole = from_pretrained(str(tmp_path / "base"), lora_spec=spec, seed=1)
     mesh = make_mesh(1, 2, 2, devices=jax.devices()[:4])
     sharded = from_pretrained(str(tmp_path / "base"), lora_spec=spec, seed=1, mesh=mesh)
     for name in ("wq", "wo", "w_down", "wq_scale", "wo_scale", "w_down_scale"):
-        # each shard read alone computes its channels' scales over the whole input extent
+        # each shard read alone computes its channels' (blocks') scales over the whole input extent
         np.testing.assert_array_equal(np.asarray(getattr(sharded.blocks, name)[...]),
                                       np.asarray(getattr(whole.blocks, name)[...]), err_msg=name)
-    assert whole.blocks.wq.dtype == jnp.int8 and whole.blocks.wo_scale.shape == (2, 1, 1, 64)
+    assert whole.blocks.wq.dtype == {"int8": jnp.int8, "nf4": jnp.uint4}[kind]
+    assert whole.blocks.wo_scale.shape == {"int8": (2, 1, 1, 64), "nf4": (2, 4, 1, 64)}[kind]  # head_dim 16: 1 block
+    assert whole.blocks.w_down_scale.shape == {"int8": (2, 1, 64), "nf4": (2, 2, 64)}[kind]  # 128 inputs: 2 blocks
     assert whole.embed.dtype == jnp.float32  # the embedding (and head) stay as they were
     w = np.asarray(base.blocks.w_up[...])
-    deq = np.asarray(whole.blocks.w_up[...], np.float32) * np.asarray(whole.blocks.w_up_scale[...])
-    assert np.max(np.abs(deq - w)) <= np.max(np.abs(w)) / 254 + 1e-7  # half a quantization step at most
+    deq = lora.dequantize(np.asarray(whole.blocks.w_up[...]), np.asarray(whole.blocks.w_up_scale[...]), "w_up",
+                          np.float32, xp=np)
+    # int8: half a step of absmax/127; nf4: half the widest gap of the code book (0.72 -> 1.0) times the block absmax
+    step = 1 / 254 if kind == "int8" else 0.139
+    assert 0 < np.max(np.abs(deq - w)) <= step * np.max(np.abs(w)) + 1e-7
     base_logits, _ = base(TOKENS, POSITIONS)
     quant_logits, _ = whole(TOKENS, POSITIONS)
-    assert 0 < float(jnp.max(jnp.abs(quant_logits - base_logits))) < 0.02 * float(jnp.max(jnp.abs(base_logits)))
+    tol = 0.02 if kind == "int8" else 0.15
+    assert 0 < float(jnp.max(jnp.abs(quant_logits - base_logits))) < tol * float(jnp.max(jnp.abs(base_logits)))
     save_pretrained(whole, str(tmp_path / "merged"))
     merged = from_pretrained(str(tmp_path / "merged"))
     assert merged.blocks.wq.dtype == jnp.float32
@@ -96,7 +104,7 @@ def test_only_the_targets_get_adapters():
     assert model.blocks.lora_a_wq.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "nf4"])
 def test_train_step_moves_only_the_adapters(quantize):
     from test_train_step import ROWS, _batch, _config, _model_config
 
@@ -112,7 +120,7 @@ def test_train_step_moves_only_the_adapters(quantize):
     state = init_train_state(tx, params, shardings)
     assert set(state["params"]["blocks"]) == {f"lora_{ab}_{n}" for ab in "ab" for n in ("wq", "wo", "w_down")}
     assert "lora_a_wq" not in state["frozen"]["blocks"] and "wq" in state["frozen"]["blocks"]
-    assert state["frozen"]["blocks"]["w_up"].dtype == (jnp.int8 if quantize == "int8" else jnp.float32)
+    assert state["frozen"]["blocks"]["w_up"].dtype == {"none": jnp.float32, "int8": jnp.int8, "nf4": jnp.uint4}[quantize]
     adapter_size = sum(x.size for x in jax.tree.leaves(state["params"]))
     assert sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * adapter_size + 8  # Adam mu, nu, counts
     before = jax.device_get(full_params(state))

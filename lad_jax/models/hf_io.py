@@ -144,9 +144,10 @@ def _make_reader(files: SafetensorsDir, name: str, mp: Mapping, shape: tuple[int
     return read
 
 
-def _int8_reader(files: SafetensorsDir, name: str, mp: Mapping, config: ModelConfig) -> Callable:
+def _quantized_reader(files: SafetensorsDir, name: str, mp: Mapping, config: ModelConfig) -> Callable:
     """Reader of a quantized projection (`wq`) or of its scale (`wq_scale`): reads the full input extent of the
-    requested output channels (a channel's scale needs all its inputs), quantizes, then keeps the requested part."""
+    requested output channels (a channel's or block's scale needs its inputs), quantizes, then keeps the requested
+    part."""
     weight = name.removesuffix(lora.SCALE_SUFFIX)
     shape, _, _ = block_param_specs(config)[weight]
     n_in = lora.n_inputs(weight)
@@ -155,10 +156,8 @@ def _int8_reader(files: SafetensorsDir, name: str, mp: Mapping, config: ModelCon
     def read(index) -> np.ndarray:
         index = _index_tuple(index, len(shape))
         full = index[:1] + (slice(None),) * n_in + index[1 + n_in:]
-        q, scale = lora.quantize_int8(base(full), weight)
-        if name != weight:
-            return scale
-        return q[(slice(None),) + index[1:1 + n_in]]
+        q, scale = lora.quantize(base(full), weight, config.lora.quantize_base)
+        return (scale if name != weight else q)[(slice(None),) + index[1:1 + n_in]]
     return read
 
 
@@ -225,8 +224,8 @@ def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float
         if lora.is_adapter(name):
             init = lora.init_value(lora_spec, block_param_specs(config), name, seed)
             reader = lambda index: init if index is None else init[index]  # noqa: E731
-        elif lora_spec is not None and lora_spec.int8 and name.removesuffix(lora.SCALE_SUFFIX) in lora.PROJECTIONS:
-            reader = _int8_reader(files, name, mappings[name.removesuffix(lora.SCALE_SUFFIX)], config)
+        elif lora_spec is not None and lora_spec.quantized and name.removesuffix(lora.SCALE_SUFFIX) in lora.PROJECTIONS:
+            reader = _quantized_reader(files, name, mappings[name.removesuffix(lora.SCALE_SUFFIX)], config)
         else:
             reader = _make_reader(files, name, mappings[name], shape, name in stacked_names, np_dtype)
         if mesh is None:
@@ -260,9 +259,11 @@ def hf_tensors(model: Transformer, dtype=None):
     stacked_names = set(block_param_specs(config))
     for name, mp in param_mappings(config).items():
         value = distributed.to_host(getattr(model.blocks if name in stacked_names else model, name)[...])
-        if value.dtype == np.int8:  # a quantized LoRA base: exported dequantized, in the parameter dtype
+        if config.lora is not None and config.lora.quantized and name in lora.PROJECTIONS:
+            # a quantized LoRA base: exported dequantized, in the parameter dtype
             scale = distributed.to_host(getattr(model.blocks, name + lora.SCALE_SUFFIX)[...])
-            value = (value.astype(np.float32) * scale).astype(np.dtype(DTYPES[config.param_dtype]))
+            value = lora.dequantize(value, scale, name, np.float32, xp=np)
+            value = value.astype(np.dtype(DTYPES[config.param_dtype]))
         if config.lora is not None and name in config.lora.targets:
             a, b = (distributed.to_host(getattr(model.blocks, prefix + name)[...])
                     for prefix in (lora.A_PREFIX, lora.B_PREFIX))

@@ -9,9 +9,13 @@ updates of a rank-r matrix need the precision and cost almost no memory.
 The adapted forward runs the low-rank path (two thin matmuls) instead of materialising W + s A B, so the backward
 never forms a full-size weight gradient; `merged_weight` folds the adapter into W for an HF export.
 
-`quantize_base="int8"` (QLoRA-style) stores every frozen projection weight as int8 with a float32 scale per output
-channel (`<name>_scale`, the weight's shape with its input dims reduced to 1: absmax over the input dims / 127).
-Layers dequantize one weight at a time in the compute dtype, so the resident base is a quarter of float32's size.
+`quantize_base` stores every frozen projection weight quantized, with float32 scales in `<name>_scale`:
+- "int8": one scale per output channel (absmax over the input dims / 127; the scale has the weight's shape with its
+  input dims reduced to 1);
+- "nf4" (QLoRA's NormalFloat4): 4-bit codes (`uint4`) into the 16-value NF4 table, one absmax scale per block of 64
+  along the weight's last input dim (the whole dim when 64 does not divide it).
+Layers dequantize one layer's weight at a time in the compute dtype, so the resident base is a quarter (int8) or an
+eighth (nf4, plus 1/16 for the scales) of float32's size.
 
 Train state: `split_params` separates a model's pure-dict params into the trainable part (the adapters, or
 everything without LoRA) and the frozen part (the base, or nothing); `merge_params` puts them back together.
@@ -31,8 +35,15 @@ _N_IN = {"wo": 2}  # input dims after the layers axis; every other projection co
 A_PREFIX, B_PREFIX = "lora_a_", "lora_b_"
 
 
-QUANTIZE_BASE = ("none", "int8")
+QUANTIZE_BASE = ("none", "int8", "nf4")
 SCALE_SUFFIX = "_scale"
+NF4_BLOCK = 64
+# the NF4 code book of QLoRA (Dettmers et al., 2023): quantiles of N(0, 1) scaled to [-1, 1], with an exact zero
+NF4_TABLE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                      0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                      0.7229568362236023, 1.0], np.float32)
+_STORAGE = {"int8": jnp.int8, "nf4": jnp.uint4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +54,8 @@ class LoraSpec:
     quantize_base: str = "none"  # one of QUANTIZE_BASE
 
     @property
-    def int8(self) -> bool:
-        return self.quantize_base == "int8"
+    def quantized(self) -> bool:
+        return self.quantize_base != "none"
 
     @property
     def scale(self) -> float:
@@ -77,40 +88,85 @@ def _int8_init(key, shape, dtype):
     return jax.random.randint(key, shape, -127, 128, jnp.int32).astype(dtype)
 
 
-def _scale_init(key, shape, dtype):
-    # uniform ints in [-127, 127] have std 127 / sqrt(3): this scale gives the 0.02 std of a float init
-    return jnp.full(shape, 0.02 * math.sqrt(3.0) / 127.0, dtype)
+def _nf4_init(key, shape, dtype):
+    return jax.random.randint(key, shape, 0, 16, jnp.int32).astype(dtype)
+
+
+def _scale_init(std_of_codes: float):
+    def init(key, shape, dtype):  # the 0.02 std of a float init
+        return jnp.full(shape, 0.02 / std_of_codes, dtype)
+    return init
+
+
+def _block(n: int) -> int:
+    return NF4_BLOCK if n % NF4_BLOCK == 0 else n
+
+
+def scale_shape(kind: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The scale's shape for stacked weight `name` of `shape` `[l, *in, *out]`."""
+    k = 1 + _N_IN.get(name, 1)
+    if kind == "int8":
+        return shape[:1] + (1,) * (k - 1) + shape[k:]
+    a = k - 1  # nf4: blocks along the last input dim
+    return shape[:a] + (shape[a] // _block(shape[a]),) + shape[a + 1:]
 
 
 def quantized_specs(spec: LoraSpec | None, base_specs: dict) -> dict:
-    """With int8 quantization: the projection weights' specs with an int8 initializer, and their scales' specs."""
-    if spec is None or not spec.int8:
+    """With a quantized base: the projection weights' specs with a code initializer, and their scales' specs."""
+    if spec is None or not spec.quantized:
         return {}
     out = {}
     for name in PROJECTIONS:
         shape, axes, _ = base_specs[name]
         k = 1 + _N_IN.get(name, 1)
-        out[name] = (shape, axes, _int8_init)
-        out[name + SCALE_SUFFIX] = (shape[:1] + (1,) * (k - 1) + shape[k:], axes[:1] + (None,) * (k - 1) + axes[k:],
-                                    _scale_init)
+        if spec.quantize_base == "int8":
+            out[name] = (shape, axes, _int8_init)
+            scale_axes = axes[:1] + (None,) * (k - 1) + axes[k:]
+            out[name + SCALE_SUFFIX] = (scale_shape("int8", name, shape), scale_axes,
+                                        _scale_init(127.0 / math.sqrt(3.0)))
+        else:
+            out[name] = (shape, axes, _nf4_init)
+            out[name + SCALE_SUFFIX] = (scale_shape("nf4", name, shape), axes, _scale_init(float(np.std(NF4_TABLE))))
     return out
 
 
 def param_dtype(spec: LoraSpec | None, name: str, default):
-    """The storage dtype of `Blocks` parameter `name`: float32 adapters and scales, int8 quantized weights."""
+    """The storage dtype of `Blocks` parameter `name`: float32 adapters and scales, int8 / uint4 quantized weights."""
     if is_adapter(name) or name.endswith(SCALE_SUFFIX):
         return jnp.float32
-    if spec is not None and spec.int8 and name in PROJECTIONS:
-        return jnp.int8
+    if spec is not None and spec.quantized and name in PROJECTIONS:
+        return _STORAGE[spec.quantize_base]
     return default
 
 
-def quantize_int8(w: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weight, float32 scale) of a stacked float weight `[l, *in, *out]`, per output channel."""
-    axes = tuple(range(1, 1 + _N_IN.get(name, 1)))
-    amax = np.max(np.abs(w.astype(np.float32)), axis=axes, keepdims=True)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+def quantize(w: np.ndarray, name: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, float32 scale) of a stacked float weight `[l, *in, *out]` (host arrays)."""
+    w = w.astype(np.float32)
+    k = 1 + _N_IN.get(name, 1)
+    if kind == "int8":
+        amax = np.max(np.abs(w), axis=tuple(range(1, k)), keepdims=True)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+    a = k - 1
+    nb = w.shape[a] // _block(w.shape[a])
+    blocks = w.reshape(w.shape[:a] + (nb, w.shape[a] // nb) + w.shape[a + 1:])
+    amax = np.max(np.abs(blocks), axis=a + 1, keepdims=True)
+    scale = np.where(amax > 0, amax, 1.0).astype(np.float32)
+    codes = np.argmin(np.abs((blocks / scale)[..., None] - NF4_TABLE), axis=-1).reshape(w.shape)
+    return codes.astype(jnp.uint4), np.squeeze(scale, axis=a + 1)
+
+
+def dequantize(codes, scale, name: str, dt, xp=jnp):
+    """The float weight in dtype `dt` from `quantize`'s codes and scale; `codes` is one layer's `[*in, *out]` (xp=jnp,
+    inside the model) or the stack's `[l, *in, *out]` (xp=np, for an export)."""
+    stacked = xp is np
+    if codes.dtype == jnp.int8:
+        return codes.astype(dt) * scale.astype(dt)
+    a = _N_IN.get(name, 1) - 1 + int(stacked)
+    vals = xp.take(xp.asarray(NF4_TABLE).astype(dt), codes.astype(xp.int32))
+    nb = scale.shape[a]
+    vals = vals.reshape(codes.shape[:a] + (nb, codes.shape[a] // nb) + codes.shape[a + 1:])
+    return (vals * xp.expand_dims(scale.astype(dt), a + 1)).reshape(codes.shape)
 
 
 def n_inputs(name: str) -> int:
@@ -118,9 +174,10 @@ def n_inputs(name: str) -> int:
 
 
 def base_weight(p: dict, name: str, dt):
-    """Projection `name`'s weight from one layer's (or the stack's) params in dtype `dt`, dequantized if int8."""
-    w = p[name].astype(dt)
-    return w * p[name + SCALE_SUFFIX].astype(dt) if name + SCALE_SUFFIX in p else w
+    """Projection `name`'s weight from one layer's params in dtype `dt`, dequantized if the base is quantized."""
+    if name + SCALE_SUFFIX in p:
+        return dequantize(p[name], p[name + SCALE_SUFFIX], name, dt)
+    return p[name].astype(dt)
 
 
 def param_specs(spec: LoraSpec | None, base_specs: dict) -> dict:
