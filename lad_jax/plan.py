@@ -155,7 +155,7 @@ def _bytes_per_chip(tree) -> int:
     total = 0
     for x in jax.tree.leaves(tree):
         shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * x.dtype.itemsize
+        total += math.prod(shape) * jax.dtypes.itemsize_bits(x.dtype) // 8  # uint4 (nf4 codes) packs two per byte
     return total
 
 
