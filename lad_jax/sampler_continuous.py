@@ -253,14 +253,8 @@ def resize(s: SlotState, *, window: int) -> SlotState:
     its copy is dispatched (as `sampler_loop.grow`), so only one layer's old and new buffers coexist."""
     if s.cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]] == window:
         return s
-    cache = dict(s.cache)
-    for name in ("k", "v"):
-        out = []
-        for a in cache[name]:
-            out.append(resize_layer(a, name=name, window=window))
-            a.delete()
-        cache[name] = tuple(out)
-    return s.replace(cache=cache)
+    return s.replace(cache=sampler_loop.replace_layers(
+        s.cache, lambda a, name: resize_layer(a, name=name, window=window)))
 
 
 def generate_continuous(

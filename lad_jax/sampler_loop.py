@@ -197,11 +197,17 @@ def grow(s: SamplerState, *, window: int) -> SamplerState:
     has read it): only one layer's old and new buffers coexist, not the whole old and new cache (donation cannot
     help here, a larger output cannot reuse a smaller input buffer).
     """
-    cache = dict(s.cache)
+    return s.replace(cache=replace_layers(s.cache, lambda a, name: grow_layer(a, name=name, window=window)))
+
+
+def replace_layers(cache: dict, fn) -> dict:
+    """A per-layer cache with each layer's k and v buffer replaced by `fn(buffer, name)`, one at a time, deleting
+    each old buffer once its replacement is dispatched."""
+    cache = dict(cache)
     for name in ("k", "v"):
-        grown = []
+        new = []
         for a in cache[name]:
-            grown.append(grow_layer(a, name=name, window=window))
+            new.append(fn(a, name))
             a.delete()
-        cache[name] = tuple(grown)
-    return s.replace(cache=cache)
+        cache[name] = tuple(new)
+    return cache

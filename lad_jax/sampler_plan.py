@@ -32,6 +32,38 @@ def _outputs(compiled):
     return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), compiled.out_info)
 
 
+class _Abstract:
+    """What both samplers' phases take, as abstract arrays on `mesh`: the model state placed by the sharding rules,
+    row-sharded prompt arrays (`rows`), replicated small inputs (`small`), the prompts' prefill and the weights."""
+
+    def __init__(self, model_config: ModelConfig, mesh: Mesh, sampling: Sampling, num_stop_ids: int, cache_dtype):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+        self.graphdef, self.state = graphdef, jax.tree.map(_abstract, state, state_shardings(state, mesh))
+        self.mesh, self.replicated = mesh, NamedSharding(mesh, P())
+        self.dtype = model_config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+        self.stop_ids = self.small(jax.ShapeDtypeStruct((num_stop_ids,), jnp.int32))
+        self.params = self.small(jax.eval_shape(sampling.params))
+        self.key = self.small(jax.eval_shape(lambda: jax.random.key(0)))
+        self.pad = self.small(jax.ShapeDtypeStruct((), jnp.int32))
+
+    def rows(self, shape, dtype):
+        names = ("batch",) + (None,) * (len(shape) - 1)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(self.mesh,
+                                                                         spec_for_shape(names, shape, self.mesh)))
+
+    def small(self, tree):  # abstract shapes (from eval_shape: no arrays are made on the mesh's devices), replicated
+        return jax.tree.map(lambda x: _abstract(x, self.replicated), tree)
+
+    def prefill(self, prompts: int, prompt_bucket: int, cache_len: int, num_samples: int):
+        return sampler_loop.prefill.lower(
+            self.graphdef, self.state, self.rows((prompts, prompt_bucket), jnp.int32),
+            self.rows((prompts, prompt_bucket), jnp.int32), self.rows((prompts, prompt_bucket), jnp.bool_),
+            cache_len=cache_len, num_samples=num_samples, cache_dtype=self.dtype).compile()
+
+    def decode_weights(self):
+        return sampler_loop.decode_weights.lower(self.graphdef, self.state).compile()
+
+
 def compile_rollout(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_samples: int, prompt_bucket: int,
                     max_new_tokens: int, decode_phases: int = 4, sampling: Sampling = Sampling(),
                     num_stop_ids: int = 1, cache_dtype=None) -> Iterator[tuple[str, jax.stages.Compiled]]:
@@ -41,38 +73,21 @@ def compile_rollout(model_config: ModelConfig, mesh: Mesh, *, prompts: int, num_
     "grow_v@w" (one layer's buffer; not for the first window) and "decode@w".
     """
     windows = sampler_loop.decode_windows(prompt_bucket, max_new_tokens, decode_phases)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(_abstract, state, state_shardings(state, mesh))
-    replicated = NamedSharding(mesh, P())
-
-    def rows(shape, dtype):
-        names = ("batch",) + (None,) * (len(shape) - 1)
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec_for_shape(names, shape, mesh)))
-
-    def small(tree):  # abstract shapes (from eval_shape: no arrays are made on the mesh's devices), replicated
-        return jax.tree.map(lambda x: _abstract(x, replicated), tree)
-
-    dtype = model_config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+    a = _Abstract(model_config, mesh, sampling, num_stop_ids, cache_dtype)
+    graphdef, state, stop_ids, params, key, pad = a.graphdef, a.state, a.stop_ids, a.params, a.key, a.pad
     b = prompts * num_samples
     with jax.set_mesh(mesh):
-        prefill = sampler_loop.prefill.lower(
-            graphdef, state, rows((prompts, prompt_bucket), jnp.int32), rows((prompts, prompt_bucket), jnp.int32),
-            rows((prompts, prompt_bucket), jnp.bool_), cache_len=windows[0][1], num_samples=num_samples,
-            cache_dtype=dtype).compile()
+        prefill = a.prefill(prompts, prompt_bucket, windows[0][1], num_samples)
         yield "prefill", prefill
         logits_bv, cache = _outputs(prefill)
-        weights_c = sampler_loop.decode_weights.lower(graphdef, state).compile()
+        weights_c = a.decode_weights()
         yield "decode_weights", weights_c
         weights = _outputs(weights_c)
-        stop_ids = small(jax.ShapeDtypeStruct((num_stop_ids,), jnp.int32))
-        params = small(jax.eval_shape(sampling.params))
-        key = small(jax.eval_shape(lambda: jax.random.key(0)))
-        pad = small(jax.ShapeDtypeStruct((), jnp.int32))
         start = sampler_loop.start.lower(cache, logits_bv, stop_ids, params, key, pad, mode=sampling.mode,
                                          max_new_tokens=max_new_tokens).compile()
         yield "start", start
         s = _outputs(start)
-        valid_bl, positions_b = rows((b, prompt_bucket), jnp.bool_), rows((b,), jnp.int32)
+        valid_bl, positions_b = a.rows((b, prompt_bucket), jnp.bool_), a.rows((b,), jnp.int32)
         for end_step, window in windows:
             if window > windows[0][1]:
                 grown = {}
@@ -99,35 +114,18 @@ def compile_continuous(model_config: ModelConfig, mesh: Mesh, *, prompts: int, n
     from lad_jax import sampler_continuous
 
     ends = [e for e, _ in sampler_loop.decode_windows(prompt_bucket, max_new_tokens, decode_phases)]
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-    state = jax.tree.map(_abstract, state, state_shardings(state, mesh))
-    replicated = NamedSharding(mesh, P())
-
-    def rows(shape, dtype):
-        names = ("batch",) + (None,) * (len(shape) - 1)
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec_for_shape(names, shape, mesh)))
-
-    def small(tree):
-        return jax.tree.map(lambda x: _abstract(x, replicated), tree)
-
-    dtype = model_config.jnp_dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+    a = _Abstract(model_config, mesh, sampling, num_stop_ids, cache_dtype)
+    graphdef, state, stop_ids, params, key, pad = a.graphdef, a.state, a.stop_ids, a.params, a.key, a.pad
     num_r = prompts * num_samples
     with jax.set_mesh(mesh):
-        prefill = sampler_loop.prefill.lower(
-            graphdef, state, rows((prompts, prompt_bucket), jnp.int32), rows((prompts, prompt_bucket), jnp.int32),
-            rows((prompts, prompt_bucket), jnp.bool_), cache_len=prompt_bucket, num_samples=1,
-            cache_dtype=dtype).compile()
+        prefill = a.prefill(prompts, prompt_bucket, prompt_bucket, 1)  # the prefix store: each prompt once
         yield "prefill", prefill
         logits_pv, prefix = _outputs(prefill)
-        weights_c = sampler_loop.decode_weights.lower(graphdef, state).compile()
+        weights_c = a.decode_weights()
         yield "decode_weights", weights_c
         weights = _outputs(weights_c)
-        stop_ids = small(jax.ShapeDtypeStruct((num_stop_ids,), jnp.int32))
-        params = small(jax.eval_shape(sampling.params))
-        key = small(jax.eval_shape(lambda: jax.random.key(0)))
-        pad = small(jax.ShapeDtypeStruct((), jnp.int32))
-        valid_pl = small(jax.ShapeDtypeStruct((prompts, prompt_bucket), jnp.bool_))
-        lengths_p, budget_r = (small(jax.ShapeDtypeStruct((n,), jnp.int32)) for n in (prompts, num_r))
+        valid_pl = a.small(jax.ShapeDtypeStruct((prompts, prompt_bucket), jnp.bool_))
+        lengths_p, budget_r = (a.small(jax.ShapeDtypeStruct((n,), jnp.int32)) for n in (prompts, num_r))
         start = sampler_continuous.start.lower(
             prefix, logits_pv, budget_r, stop_ids, params, key, pad, mode=sampling.mode, num_samples=num_samples,
             slots=decode_slots, max_new_tokens=max_new_tokens, window=prompt_bucket + ends[0]).compile()
