@@ -3,6 +3,7 @@ export equals the adapted model, checkpoints hold only the adapters and a resume
 shows the optimizer state shrink, and bad settings fail at config load."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -156,15 +157,18 @@ def test_trainer_checkpoints_adapters_only_resumes_exactly_and_exports_merged(tm
     whole = Trainer(load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=whole", "steps=3",
                                                             "checkpoint.export_hf=true", *common]), **quiet)
     whole.run()
-    first = load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=split", "steps=2", *common])
-    Trainer(first, **quiet).run()
-    resumed = Trainer(load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=split", "steps=3",
-                                                              *common]), **quiet)
+    # A run killed after step 2: the whole run's step-2 checkpoint in a fresh run directory, resumed to step 3.
+    split = load_config("configs/tiny_test.yaml", [f"output_dir={tmp_path}", "run_name=split", "steps=3", *common])
+    shutil.copytree(os.path.join(whole.c.checkpoint_dir, "2"), os.path.join(split.checkpoint_dir, "2"))
+    lines = []
+    resumed = Trainer(split, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
     resumed.run()
+    assert any(f"resumed from {split.checkpoint_dir} at step 2" in line for line in lines), lines
+    assert int(resumed.state["step"]) == int(whole.state["step"])
     jax.tree.map(np.testing.assert_array_equal, _final_adapters(resumed), _final_adapters(whole))
     assert float(jnp.max(jnp.abs(whole.state["params"]["blocks"]["lora_b_wq"]))) > 0  # training moved them
 
-    meta = json.loads(open(os.path.join(first.checkpoint_dir, "2", "state", "_METADATA")).read())
+    meta = json.loads(open(os.path.join(split.checkpoint_dir, "2", "state", "_METADATA")).read())
     param_keys = [k for k in meta["tree_metadata"] if k.startswith("('params'")]
     assert param_keys and all("'lora_" in k for k in param_keys), param_keys  # no base weight in the checkpoint
     assert not any(k.startswith("('frozen'") for k in meta["tree_metadata"])
@@ -194,7 +198,7 @@ def test_plan_shows_the_optimizer_state_shrink():
     from lad_jax import plan
 
     base = ["rollout.max_new_tokens=8", "model.max_position_embeddings=32", "data.max_prompt_tokens=8"]
-    full = plan.plan(load_config("configs/tiny_test.yaml", base), jax.devices()[:2], groups=("train_step",))
+    full = plan.plan(load_config("configs/tiny_test.yaml", base), jax.devices()[:2], groups=())  # sizes only
     lora = plan.plan(load_config("configs/tiny_test.yaml", [*base, "model.lora.rank=2"]), jax.devices()[:2],
                      groups=("train_step",))
     assert lora["optimizer_state_bytes"] * 4 < full["optimizer_state_bytes"]
