@@ -97,6 +97,30 @@ def test_quantized_base_reads_sharded_and_exports_dequantized(kind, tmp_path):
     np.testing.assert_allclose(np.asarray(merged(TOKENS, POSITIONS)[0]), np.asarray(quant_logits), atol=1e-5)
 
 
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_sampler_draws_from_the_adapted_model(quantize):
+    """The sampler's behaviour log-probs (decode path, per-layer weights) equal the training forward's with the
+    adapters (and the dequantized base), and differ from the base model's."""
+    from test_sampler import _training_logprobs
+
+    from lad_jax.sampler import generate
+
+    spec = LoraSpec(rank=4, alpha=8.0, targets=ALL, quantize_base=quantize)
+    model = create_model(tiny_config("qwen2", lora=spec), seed=0)
+    for i, name in enumerate(ALL):
+        var = getattr(model.blocks, "lora_b_" + name)
+        var[...] = 0.1 * jax.random.normal(jax.random.key(20 + i), var.shape)
+    prompts = [[5, 9, 2, 7], [11, 3]]
+    out = generate(model, prompts, num_samples=2, max_new_tokens=12, temperature=1.0, seed=3, pad_id=0)
+    mask = np.asarray(out.mask_bt)
+    ref = _training_logprobs(model, out, 1.0)
+    np.testing.assert_allclose(np.asarray(out.logprobs_bt)[mask], ref[mask], atol=1e-4)
+    for name in ALL:  # the same weights without the adapters
+        var = getattr(model.blocks, "lora_b_" + name)
+        var[...] = jnp.zeros(var.shape)
+    assert np.max(np.abs(_training_logprobs(model, out, 1.0)[mask] - ref[mask])) > 1e-2
+
+
 def test_only_the_targets_get_adapters():
     model = create_model(tiny_config("qwen2", lora=LoraSpec(rank=2, alpha=4.0, targets=resolve_targets("wq|wv"))))
     names = set(nnx.to_pure_dict(nnx.state(model))["blocks"])
