@@ -144,10 +144,11 @@ def _make_reader(files: SafetensorsDir, name: str, mp: Mapping, shape: tuple[int
     return read
 
 
-def _quantized_reader(files: SafetensorsDir, name: str, mp: Mapping, config: ModelConfig) -> Callable:
+def _quantized_reader(files: SafetensorsDir, name: str, mp: Mapping, config: ModelConfig, shared: dict) -> Callable:
     """Reader of a quantized projection (`wq`) or of its scale (`wq_scale`): reads the full input extent of the
     requested output channels (a channel's or block's scale needs its inputs), quantizes, then keeps the requested
-    part."""
+    part. `shared` hands each quantized stack from the weight's read to its scale's (built right after it), so the
+    safetensors bytes are read and quantized once."""
     weight = name.removesuffix(lora.SCALE_SUFFIX)
     shape, _, _ = block_param_specs(config)[weight]
     n_in = lora.n_inputs(weight)
@@ -156,8 +157,14 @@ def _quantized_reader(files: SafetensorsDir, name: str, mp: Mapping, config: Mod
     def read(index) -> np.ndarray:
         index = _index_tuple(index, len(shape))
         full = index[:1] + (slice(None),) * n_in + index[1 + n_in:]
-        q, scale = lora.quantize(base(full), weight, config.lora.quantize_base)
-        return (scale if name != weight else q)[(slice(None),) + index[1:1 + n_in]]
+        key = (weight,) + tuple(s.indices(n)[:2] for s, n in zip(full, shape))
+        if name == weight:  # other shards of the same output channels may ask again: keep it for them
+            if key not in shared:
+                shared[key] = lora.quantize(base(full), weight, config.lora.quantize_base)
+            q, _ = shared[key]
+            return q[(slice(None),) + index[1:1 + n_in]]
+        _, scale = shared.pop(key) if key in shared else lora.quantize(base(full), weight, config.lora.quantize_base)
+        return scale[(slice(None),) + index[1:1 + n_in]]
     return read
 
 
@@ -218,14 +225,17 @@ def from_pretrained(path_or_repo_id: str, *, dtype="float32", param_dtype="float
     graphdef, state = nnx.split(abstract)
     from lad_jax.sharding import named_sharding, variable_names
 
+    quantized: dict = {}  # (weight, read extent) -> (codes, scale), from the weight's build to its scale's
+    weight_name = lambda name: name.removesuffix(lora.SCALE_SUFFIX)  # noqa: E731
+
     def build(path, var):
         name = path[-1]
         shape = tuple(var.shape)
         if lora.is_adapter(name):
             init = lora.init_value(lora_spec, block_param_specs(config), name, seed)
             reader = lambda index: init if index is None else init[index]  # noqa: E731
-        elif lora_spec is not None and lora_spec.quantized and name.removesuffix(lora.SCALE_SUFFIX) in lora.PROJECTIONS:
-            reader = _quantized_reader(files, name, mappings[name.removesuffix(lora.SCALE_SUFFIX)], config)
+        elif lora_spec is not None and lora_spec.quantized and weight_name(name) in lora.PROJECTIONS:
+            reader = _quantized_reader(files, name, mappings[weight_name(name)], config, quantized)
         else:
             reader = _make_reader(files, name, mappings[name], shape, name in stacked_names, np_dtype)
         if mesh is None:

@@ -195,8 +195,9 @@ def param_specs(spec: LoraSpec | None, base_specs: dict) -> dict:
 
 def init_value(spec: LoraSpec, base_specs: dict, name: str, seed: int) -> np.ndarray:
     """Adapter `name`'s initial value as a host array: a pure function of (seed, name), the same on every host."""
-    shape, _, init = param_specs(spec, base_specs)[name]
-    key = jax.random.fold_in(jax.random.key(seed), sorted(param_specs(spec, base_specs)).index(name))
+    specs = param_specs(spec, base_specs)
+    shape, _, init = specs[name]
+    key = jax.random.fold_in(jax.random.key(seed), sorted(specs).index(name))
     return np.asarray(init(key, shape, jnp.float32))
 
 
