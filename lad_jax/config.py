@@ -78,9 +78,12 @@ class RolloutSection:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     old_logprobs: str = "sampler"  # sampler | recompute
-    # 0: static batches (every row of the rollout decodes at once); N > 0: continuous batching over N decode slots
-    # (`sampler_continuous`; same tokens for the same seed, a finished row's slot takes the next pending row)
-    decode_slots: int = 0
+    # auto: chosen from the batch size and free device memory (`lad_jax.decode_memory`: static when every request
+    # gets a slot, else the most slots that fit); 0: static batches (every row of the rollout decodes at once);
+    # N > 0: continuous batching over N decode slots (`sampler_continuous`; same tokens for the same seed, a
+    # finished row's slot takes the next pending row)
+    decode_slots: int | str = "auto"
+    decode_memory_fraction: float = 0.8  # of a device's free memory (train state resident) that auto may fill
 
 
 @dataclasses.dataclass(frozen=True)

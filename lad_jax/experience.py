@@ -12,9 +12,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from lad_jax import advantages as adv_lib
-from lad_jax import distributed, sampler, sampler_continuous
+from lad_jax import decode_memory, distributed, sampler, sampler_continuous
 from lad_jax.config import Config
 from lad_jax.train_step import REF_KEY
 
@@ -34,6 +35,14 @@ class Experience:
 def prompt_bucket(c: Config) -> int:
     """Fixed prompt slot count (a power of two >= data.max_prompt_tokens), so shapes never change."""
     return sampler.bucket_length(c.data.max_prompt_tokens, minimum=1)
+
+
+def resolve_decode_slots(c: Config, model_config, mesh, params=None) -> decode_memory.SlotChoice:
+    """rollout.decode_slots as a choice: `auto` sized against the memory free now (less the rollout's copy of
+    `params`, the model's weights), a number taken as given."""
+    if c.rollout.decode_slots == "auto":
+        return decode_memory.for_rollout(c, model_config, mesh, decode_memory.free_bytes_per_device(), params)
+    return dataclasses.replace(decode_memory.for_rollout(c, model_config, mesh, None), slots=c.rollout.decode_slots)
 
 
 def layout(prompt_tokens_bs, prompt_lengths_b, tokens_bt, logprobs_bt, lengths_b) -> dict[str, np.ndarray]:
@@ -60,12 +69,15 @@ def decode(tokenizer, responses: Sequence[Sequence[int]]) -> list[str]:
 
 def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: Callable, *, key, mesh,
             stop_ids: Sequence[int], recompute: Callable | None = None,
-            reference: Callable | None = None) -> Experience:
+            reference: Callable | None = None, decode_slots: int | None = None) -> Experience:
     """Samples G responses per prompt row, scores them and computes group advantages.
 
     `recompute` / `reference`: `(tokens_bt, positions_bt, valid_bt) -> logp_bt` of the current / the frozen
     reference policy; the first replaces the sampler's old log-probs, the second (given only when
     algorithm.kl_coef > 0, so a run without the KL term pays nothing) fills `ref_logp_bt`.
+
+    `decode_slots`: 0 = static batches, N = continuous batching over N slots; default rollout.decode_slots, its
+    `auto` resolved now (`decode_memory.for_rollout`; the trainer resolves it once and passes the number).
 
     Several processes: every process passes the same global `rows` and gets the same global `Experience` (the
     sampler gathers its output to every host; each host scores a share of the rows, see `distributed.score_rows`).
@@ -76,8 +88,10 @@ def collect(c: Config, model, rows: list[dict[str, Any]], tokenizer, reward_fn: 
               top_p=r.top_p, stop_token_ids=stop_ids, seed=key, pad_id=tokenizer.pad_token_id,
               min_prompt_bucket=prompt_bucket(c), mesh=mesh)
     prompts = [row["prompt_ids"] for row in rows]
-    if r.decode_slots:
-        out = sampler_continuous.generate_continuous(model, prompts, decode_slots=r.decode_slots, **kw)
+    if decode_slots is None:
+        decode_slots = resolve_decode_slots(c, model.config, mesh, nnx.state(model, nnx.Param)).slots
+    if decode_slots:
+        out = sampler_continuous.generate_continuous(model, prompts, decode_slots=decode_slots, **kw)
     else:
         out = sampler.generate(model, prompts, **kw)
     host = jax.device_get({"pt": out.prompt_tokens_bs, "pl": out.prompt_lengths_b, "t": out.tokens_bt,

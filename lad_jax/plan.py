@@ -171,7 +171,7 @@ def _first_line(e: Exception) -> str:
 class Planner:
     """Builds the trainer's objects for config `c` on `mesh` with abstract arrays and compiles each phase."""
 
-    def __init__(self, c, mesh, log=lambda msg: None):
+    def __init__(self, c, mesh, log=lambda msg: None, limit: int | None = None):
         import jax
         from flax import nnx
 
@@ -179,7 +179,8 @@ class Planner:
         from lad_jax import train_step as ts
         from lad_jax.models import Transformer
 
-        self.c, self.mesh, self.log = c, mesh, log
+        self.c, self.mesh, self.log, self.limit = c, mesh, log, limit
+        self.decode_choice = None  # rollout.decode_slots=auto resolved against `limit` (usable HBM per chip)
         self.model_config = model_config(c)
         abstract_model = nnx.eval_shape(lambda: Transformer(self.model_config, rngs=nnx.Rngs(c.seed)))
         # train_objects only reads shapes and shardings from the model, so the abstract one gives the real ones.
@@ -299,8 +300,11 @@ class Planner:
                 else:
                     others = state_bytes + grown_k - old + (layers - 1) * (out_bytes - old)
                 resident = self.opt_bytes + params_bytes + weights_bytes + prefix_bytes + others
-            else:  # decode: params, weights and the sampler state are its arguments
-                resident = self.opt_bytes
+            else:
+                # decode / phase: the decode weights and the sampler state are its arguments. The params are not:
+                # the loop reads only the decode weights, and jit drops unused arguments (keep_unused=False), so
+                # its argument bytes leave out the params that the train state keeps alive.
+                resident = self.opt_bytes + params_bytes
             self._record(f"{label}_{name.replace('@', '_')}", compiled, resident, dt)
             if name == "prefill" and decode_slots:
                 prefix_bytes = out_bytes
@@ -323,9 +327,26 @@ class Planner:
         from lad_jax.sampling import Sampling
 
         r = c.rollout
+        slots = r.decode_slots
         if "rollout" in groups:
+            if slots == "auto":  # the trainer's rule, with the chip's usable HBM less the resident train state free
+                from lad_jax import decode_memory
+                from lad_jax.train_step import full_params
+
+                free = None if self.limit is None else self.limit - _bytes_per_chip(self.state) - self.ref_bytes
+                try:
+                    self.decode_choice = decode_memory.for_rollout(c, self.model_config, self.mesh, free,
+                                                                   full_params(self.state))
+                except ValueError as e:  # not one slot fits beside the train state: the trainer would stop here
+                    self.phases.append(Phase("rollout_decode_slots", 0, 0, 0, 0, 0, self.opt_bytes, 0.0,
+                                             error=str(e)))
+                    slots = None
+                else:
+                    slots = self.decode_choice.slots
+                    self.log(self.decode_choice.describe())
+        if "rollout" in groups and slots is not None:
             self.generate("rollout", r.prompts_per_step, r.num_samples, prompt_bucket(c), r.max_new_tokens,
-                          Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p), r.decode_slots)
+                          Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p), slots)
         if c.eval.enabled and "eval" in groups:
             from lad_jax.sampler import bucket_length
             # the trainer's eval: min(#eval rows, 64) prompts per generate call, prompts bucketed to >= 16 slots
@@ -346,10 +367,10 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, grou
     platform = devices[0].platform
     shape = check_devices(c, len(devices), platform)
     mesh = make_mesh(*shape, devices=devices)
-    with target_platform(platform):  # model.attention=auto picks the target's kernels (splash on TPU)
-        planner = Planner(c, mesh, log)
-        phases = planner.run_all(groups)
     limit = usable_hbm_bytes(devices, hbm_gib)
+    with target_platform(platform):  # model.attention=auto picks the target's kernels (splash on TPU)
+        planner = Planner(c, mesh, log, limit)
+        phases = planner.run_all(groups)
     rows = []
     for p in phases:
         fits = None if limit is None and p.error is None else (p.error is None and p.total_bytes <= limit)
@@ -361,6 +382,7 @@ def plan(c, devices, *, hbm_gib: float | None = None, log=lambda msg: None, grou
         "usable_hbm_bytes": limit,
         "train_state_bytes": _bytes_per_chip(planner.state),
         "optimizer_state_bytes": _bytes_per_chip(planner.state["opt_state"]),
+        "decode_slots_auto": None if planner.decode_choice is None else planner.decode_choice.describe(),
         "phases": rows,
         "fits": None if None in verdicts else all(verdicts),
     }
@@ -389,11 +411,14 @@ def format_report(report: dict[str, Any]) -> str:
     for p in report["phases"]:
         verdict = "" if p["fits"] is None else "FITS" if p["fits"] else "DOES NOT FIT"
         if p["error"]:
-            lines.append(f"{p['name']:<22}{'compiler refused':>63}{p['compile_s']:10.1f}  {verdict}: {p['error']}")
+            why = "not compiled" if p["name"] == "rollout_decode_slots" else "compiler refused"
+            lines.append(f"{p['name']:<22}{why:>63}{p['compile_s']:10.1f}  {verdict}: {p['error']}")
             continue
         lines.append(f"{p['name']:<22}{num(p['argument_bytes'])}{num(p['output_bytes'])}{num(p['alias_bytes'])}"
                      f"{num(p['temp_bytes'])}{num(p['peak_bytes'])}{num(p['resident_bytes'])}"
                      f"{num(p['total_bytes'])}{p['compile_s']:10.1f}  {verdict}")
+    if report["decode_slots_auto"]:
+        lines.append(report["decode_slots_auto"])
     worst = max(report["phases"], key=lambda p: p["total_bytes"])
     overall = ("no HBM limit for these devices (pass --hbm-gib)" if report["fits"] is None
                else "FITS" if report["fits"] else "DOES NOT FIT")

@@ -42,7 +42,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 
 from lad_jax import distributed, sampler_loop
-from lad_jax.models.attention import dense_attention
+from lad_jax.models.attention import current_platform, dense_attention
 from lad_jax.models.cache import LAYER_CACHE_LAYOUT, LAYER_CACHE_LOGICAL_AXES, LAYER_CACHE_SEQUENCE_AXIS
 from lad_jax.models.transformer import decoder_layer, rms_norm
 from lad_jax.sampler import SampleOutput, _call_key, _resolve_mesh, _resolve_sampling, prompt_batch
@@ -109,13 +109,18 @@ def _refill(s: SlotState, prefix, logits_pv, budget_r, stop_ids, params, mode, n
         req_s = jnp.where(assign_s, new_s, s.req_s)
         p_s = jnp.clip(req_s, 0, num_r - 1) // num_samples
 
-        def copy(name, slot_cache):  # the request's prompt cache into the first Lp cache slots of assigned slots
+        # the request's prompt cache into the first Lp cache slots of assigned slots, scattered along the slot axis
+        # (others write out of range, dropped): a select over every slot's prompt head made the TPU compiler copy the
+        # whole slot caches
+        w_s = jnp.where(assign_s, jnp.arange(assign_s.shape[0]), assign_s.shape[0])
+
+        def copy(name, slot_cache):
             out = []
             for a, pre in zip(slot_cache, prefix[name]):
-                head = jax.lax.slice_in_dim(a, 0, pre.shape[-1 if name == "k" else 2], axis=3 if name == "k" else 2)
-                head = jnp.where(assign_s[:, None, None, None], jnp.take(pre, p_s, axis=0).astype(a.dtype), head)
-                out.append(constrain(jax.lax.dynamic_update_slice(a, head, (0, 0, 0, 0)),
-                                     LAYER_CACHE_LOGICAL_AXES[name]))
+                head = (slice(None),) * 3 + (slice(0, pre.shape[3]),) if name == "k" else \
+                    (slice(None),) * 2 + (slice(0, pre.shape[2]),)
+                a = a.at[(w_s,) + head[1:]].set(jnp.take(pre, p_s, axis=0).astype(a.dtype), mode="drop")
+                out.append(constrain(a, LAYER_CACHE_LOGICAL_AXES[name]))
             return tuple(out)
 
         cache = dict(s.cache, k=copy("k", s.cache["k"]), v=copy("v", s.cache["v"]))
@@ -133,13 +138,23 @@ def _slot_step(model, layer_params, tokens_s1, pos_s1, cache, write_s, mask_s1w)
     dt = c.jnp_dtype
     x, (cos, sin) = model._inputs(tokens_s1, pos_s1)
     rows = jnp.arange(tokens_s1.shape[0])
+    # TPU: a one-hot select over the window. A scatter into the cache's sequence axis makes the TPU compiler re-lay
+    # the caches out (a second copy of each in the phase's temporaries, twice the bytes accessed per step); on CPU
+    # the scatter is in place and the select, which rewrites the whole window, halves same-length throughput.
+    select = current_platform() == "tpu"
     layout = (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"])
     attend = lambda q, k_all, v_all: dense_attention(q, k_all, v_all, mask_s1w, layout)  # noqa: E731
     new_k, new_v = [], []
     for p, k_cache, v_cache in zip(layer_params, cache["k"], cache["v"]):
         def write(k_btkx, v_btkx, k_cache=k_cache, v_cache=v_cache):
-            k_cache = k_cache.at[rows, :, :, write_s].set(k_btkx[:, 0].astype(k_cache.dtype))
-            v_cache = v_cache.at[rows, :, write_s, :].set(v_btkx[:, 0].astype(v_cache.dtype))
+            k_new, v_new = k_btkx[:, 0].astype(k_cache.dtype), v_btkx[:, 0].astype(v_cache.dtype)
+            if select:
+                hit_sw = jnp.arange(k_cache.shape[3])[None, :] == write_s[:, None]
+                k_cache = jnp.where(hit_sw[:, None, None, :], k_new[..., None], k_cache)
+                v_cache = jnp.where(hit_sw[:, None, :, None], v_new[:, :, None, :], v_cache)
+            else:
+                k_cache = k_cache.at[rows, :, :, write_s].set(k_new)
+                v_cache = v_cache.at[rows, :, write_s, :].set(v_new)
             return k_cache.astype(dt), v_cache.astype(dt), (k_cache, v_cache)
 
         x, (k_cache, v_cache) = decoder_layer(c, x, p, cos, sin, attend, write)

@@ -101,6 +101,7 @@ class Trainer:
                      f"prompts longer than data.max_prompt_tokens={config.data.max_prompt_tokens}; "
                      f"training on {st['kept']} prompts")
         self.state = None
+        self.decode_slots: int | None = None  # rollout.decode_slots resolved at the first rollout (train state resident)
         self.eval_before: dict[str, float] | None = None
 
     def _recompute(self, fn, tokens_bt, positions_bt, valid_bt, *, reference: bool = False):
@@ -214,10 +215,11 @@ class Trainer:
         """One RL step; returns host metrics of the rollout (train metrics arrive one step late)."""
         c = self.c
         rows = next(self.loader)
+        self._resolve_decode_slots()
         t0 = time.perf_counter()
         exp = experience.collect(c, self.policy(), rows, self.s.tokenizer, self.s.reward_fn,
                                  key=setup_lib.step_key(c.seed, step), mesh=self.s.mesh, stop_ids=self.s.stop_ids,
-                                 recompute=self.recompute, reference=self.reference)
+                                 recompute=self.recompute, reference=self.reference, decode_slots=self.decode_slots)
         t1 = time.perf_counter()
         updates = 0
         train_metrics = []
@@ -237,6 +239,7 @@ class Trainer:
             "time/train_s": t2 - t1,
             "time/step_s": t2 - t0,
             "train/updates": float(updates),
+            "rollout/decode_slots": float(self.decode_slots),
             "throughput/train_tokens_per_s": total_tokens / max(t2 - t1, 1e-9),
             "throughput/generated_tokens_per_s": metrics["tokens/generated"] / max(metrics["time/generate_s"], 1e-9),
             "compiles/train_step": float(self.step_fn.compiles),
@@ -245,6 +248,15 @@ class Trainer:
             "data/dropped_too_long": float(self.loader.stats["dropped_too_long"]),
         })
         return metrics
+
+    def _resolve_decode_slots(self) -> None:
+        """Once, with the train state resident: every rollout of the run then has the same shapes."""
+        if self.decode_slots is None:
+            choice = experience.resolve_decode_slots(self.c, self.s.model_config, self.s.mesh,
+                                                     full_params(self.state))
+            self.decode_slots = choice.slots
+            if self.c.rollout.decode_slots == "auto":
+                self.log(choice.describe())
 
     def run(self) -> dict[str, Any]:
         c = self.c
@@ -258,6 +270,7 @@ class Trainer:
         if self.eval_before is None and c.eval.at_start and self.eval_rows:
             self.eval_before = self.evaluate(start)
             self._log_eval("before RL", self.eval_before)
+        self._resolve_decode_slots()
         bar = None
         if c.logging.progress_bar and jax.process_index() == 0:
             from tqdm import tqdm

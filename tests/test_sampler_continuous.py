@@ -139,3 +139,22 @@ def test_bad_input_is_rejected_as_in_generate(models):
         generate_continuous(model, [[1]], max_new_tokens=model.config.max_position_embeddings)
     with pytest.raises(ValueError, match="decode_phases"):
         generate_continuous(model, [[1]], max_new_tokens=4, decode_phases=0)
+
+
+def test_the_tpu_write_form_gives_the_same_tokens(models):
+    """On TPU the step writes each slot's key/value by a one-hot select over the window (a scatter made the TPU
+    compiler copy the slot caches); traced for "tpu" here on CPU, it gives the scatter form's tokens and log-probs."""
+    import jax
+
+    from lad_jax import sampler_loop
+    from lad_jax.models.attention import target_platform
+
+    _, model, _ = models
+    kw = dict(max_new_tokens=MAX_NEW, num_samples=G, pad_id=PAD, seed=5, temperature=1.0, decode_slots=2)
+    cpu = generate_continuous(model, PROMPTS, **kw)
+    jax.clear_caches()  # the phase was traced for CPU with these shapes; trace it again for the TPU form
+    before = sampler_loop.TRACES["continuous"]
+    with target_platform("tpu"):
+        tpu = generate_continuous(model, PROMPTS, **kw)
+    assert sampler_loop.TRACES["continuous"] > before
+    _same(tpu, cpu)

@@ -300,6 +300,11 @@ def target_platform(platform: str | None):
         _TARGET_PLATFORM.reset(token)
 
 
+def current_platform() -> str:
+    """The platform being compiled for: `target_platform`'s, else jax's default backend."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
 def resolve_attention(impl: str, s: int, platform: str | None = None) -> str:
     """The kernel `impl` means for `s` key slots on `platform` (default: `target_platform`'s, else jax's backend)."""
     if impl not in ATTENTION_IMPLS:
@@ -308,7 +313,7 @@ def resolve_attention(impl: str, s: int, platform: str | None = None) -> str:
         return impl
     if s <= AUTO_DENSE_MAX_SLOTS:
         return "dense"
-    platform = platform or _TARGET_PLATFORM.get() or jax.default_backend()
+    platform = platform or current_platform()
     return "splash" if platform == "tpu" else "blockwise"
 
 
