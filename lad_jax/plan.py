@@ -270,6 +270,7 @@ class Planner:
                       sampling=sampling)
         phases = (sampler_plan.compile_continuous(self.model_config, self.mesh, decode_slots=decode_slots, **shapes)
                   if decode_slots else sampler_plan.compile_rollout(self.model_config, self.mesh, **shapes))
+        last = None  # this call's previous program
         while True:
             t0 = time.perf_counter()
             try:
@@ -279,7 +280,8 @@ class Planner:
             except Exception as e:  # the TPU compiler refuses programs that exceed HBM
                 if not _out_of_memory(e):
                     raise
-                self.phases.append(Phase(f"{label}_failed_after_{self.phases[-1].name}", 0, 0, 0, 0, 0,
+                where = f"after_{label}_{last}" if last else "at_prefill"
+                self.phases.append(Phase(f"{label}_failed_{where}", 0, 0, 0, 0, 0,
                                          self.opt_bytes, time.perf_counter() - t0, error=_first_line(e)))
                 return
             dt = time.perf_counter() - t0
@@ -305,7 +307,8 @@ class Planner:
                 # the loop reads only the decode weights, and jit drops unused arguments (keep_unused=False), so
                 # its argument bytes leave out the params that the train state keeps alive.
                 resident = self.opt_bytes + params_bytes
-            self._record(f"{label}_{name.replace('@', '_')}", compiled, resident, dt)
+            last = name.replace('@', '_')
+            self._record(f"{label}_{last}", compiled, resident, dt)
             if name == "prefill" and decode_slots:
                 prefix_bytes = out_bytes
             elif name == "prefill":
