@@ -20,11 +20,11 @@ import dataclasses
 import jax
 import numpy as np
 
-MAX_SLOTS_PER_SHARD = 256  # vLLM's default max_num_seqs: past it a decode step is compute-bound on any accelerator
+MAX_SLOTS_PER_SHARD = 256  # vLLM's default max_num_seqs
 # float32 vocabulary-sized rows a slot's step and refill keep live (logits, log-softmax, probabilities, the refill's
 # prefill logits and the sampling transforms over them): the TPU compiler's temporaries for a continuous-batching
 # phase of Qwen2.5-1.5B (vocabulary 151936) were 8.4-9.1 MiB per slot (29 slots x 8448, 32 x 2304, 234 x 1024 cache
-# slots), about 15 rows, whatever the window
+# slots; 186 x 1024 gave 8.6), about 15 rows, whatever the window
 VOCAB_ROWS_PER_SLOT = 16
 
 
@@ -34,7 +34,7 @@ class SlotChoice:
     requests: int
     shards: int  # devices the batch axis is split over (data x fsdp)
     slot_bytes: int  # per device, one slot
-    fixed_bytes: int  # per device, continuous batching's request buffers and prefix store
+    fixed_bytes: int  # per device: the rollout's copy of the weights, the request buffers and the prefix store
     budget_bytes: int | None  # per device; None = no memory limit known (the cap alone decides)
 
     def describe(self) -> str:
@@ -65,7 +65,7 @@ def choose(requests: int, *, shards: int, slot_bytes: int, fixed_bytes: int, bud
         if fit < 1:
             raise ValueError(
                 f"rollout.decode_slots=auto: one decode slot needs {slot_bytes / 2 ** 20:.1f} MiB per device "
-                f"(+{fixed_bytes / 2 ** 20:.1f} MiB of request buffers) but the budget is "
+                f"(+{fixed_bytes / 2 ** 20:.1f} MiB of decode weights and request buffers) but the budget is "
                 f"{budget_bytes / 2 ** 20:.1f} MiB (rollout.decode_memory_fraction of the free memory); lower "
                 f"rollout.max_new_tokens or data.max_prompt_tokens, raise rollout.decode_memory_fraction, or shard "
                 f"over more devices (mesh.fsdp / mesh.tensor)")

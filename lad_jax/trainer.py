@@ -101,7 +101,7 @@ class Trainer:
                      f"prompts longer than data.max_prompt_tokens={config.data.max_prompt_tokens}; "
                      f"training on {st['kept']} prompts")
         self.state = None
-        self.decode_slots: int | None = None  # rollout.decode_slots resolved at the first rollout (train state resident)
+        self.decode_slots: int | None = None  # rollout.decode_slots, resolved before the first rollout
         self.eval_before: dict[str, float] | None = None
 
     def _recompute(self, fn, tokens_bt, positions_bt, valid_bt, *, reference: bool = False):

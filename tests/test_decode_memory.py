@@ -46,8 +46,8 @@ def test_slot_bytes_count_the_decode_cache():
     from lad_jax.models import ModelConfig
     from lad_jax.models.cache import init_cache
 
-    cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
-                      num_kv_heads=2, head_dim=8)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
     cache = init_cache(cfg, 1, 48)
     kv = cache["k"].nbytes + cache["v"].nbytes
     vocab_rows = decode_memory.VOCAB_ROWS_PER_SLOT * 4 * 100
