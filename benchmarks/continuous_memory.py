@@ -20,6 +20,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU
 
 from lad_jax import plan, sampler_plan  # noqa: E402
 from lad_jax.config import load_config  # noqa: E402
+from lad_jax.decode_memory import kv_bytes  # noqa: E402
 from lad_jax.models.attention import target_platform  # noqa: E402
 from lad_jax.sampling import Sampling  # noqa: E402
 from lad_jax.sharding import make_mesh  # noqa: E402
@@ -54,9 +55,9 @@ def main() -> None:
     shapes = dict(prompt_bucket=args.prompt_bucket, max_new_tokens=args.max_new_tokens, decode_phases=1,
                   sampling=Sampling(temperature=1.0))
     window = args.prompt_bucket + args.max_new_tokens
-    kv_per_slot = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * window * 2  # bf16
     out = {"topology": args.topology, "model_layers": mc.num_layers, "slots": args.slots, "window": window,
-           "slot_caches_gib": args.slots * kv_per_slot / len(devices) / GIB, "programs": {}}
+           "slot_caches_gib": args.slots * kv_bytes(mc, cache_len=window, tensor=1) / len(devices) / GIB,
+           "programs": {}}
     with target_platform("tpu"):
         for name, compiled in sampler_plan.compile_continuous(mc, mesh, prompts=args.prompts,
                                                               num_samples=args.num_samples,

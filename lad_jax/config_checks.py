@@ -85,8 +85,7 @@ def validate(c) -> None:
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p={r.top_p} must be in (0, 1]")
     _choice(r.old_logprobs, OLD_LOGPROBS, "rollout.old_logprobs")
-    if isinstance(r.decode_slots, str) and r.decode_slots != "auto" or isinstance(r.decode_slots, int) and \
-            r.decode_slots < 0:
+    if r.decode_slots != "auto" and not (isinstance(r.decode_slots, int) and r.decode_slots >= 0):
         raise ConfigError(f"rollout.decode_slots={r.decode_slots!r} must be auto, 0 (static batches) or a slot count "
                           f"N > 0")
     if not 0 < r.decode_memory_fraction <= 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 MAX_SLOTS_PER_SHARD = 256  # vLLM's default max_num_seqs
@@ -45,14 +46,20 @@ class SlotChoice:
                 f"{mib(self.slot_bytes)}/slot/device, {budget}, cap {MAX_SLOTS_PER_SHARD}/shard)")
 
 
-def slot_bytes(model_config, *, cache_len: int, tensor: int, cache_itemsize: int | None = None) -> int:
-    """One slot's bytes on one device: KV cache over `cache_len` positions and `VOCAB_ROWS_PER_SLOT` float32
-    vocabulary rows."""
+def kv_bytes(model_config, *, cache_len: int, tensor: int) -> int:
+    """One row's KV cache over `cache_len` positions on one device, in the compute dtype (the sampler's cache dtype),
+    kv heads split over `tensor` where they divide."""
     kv_heads = model_config.num_kv_heads
     local_heads = kv_heads // tensor if kv_heads % tensor == 0 else kv_heads
-    itemsize = np.dtype(model_config.jnp_dtype).itemsize if cache_itemsize is None else cache_itemsize
-    kv = 2 * model_config.num_layers * local_heads * model_config.head_dim * cache_len * itemsize
-    return int(kv + VOCAB_ROWS_PER_SLOT * 4 * model_config.vocab_size)
+    itemsize = np.dtype(model_config.jnp_dtype).itemsize
+    return 2 * model_config.num_layers * local_heads * model_config.head_dim * cache_len * itemsize
+
+
+def slot_bytes(model_config, *, cache_len: int, tensor: int) -> int:
+    """One slot's bytes on one device: KV cache over `cache_len` positions and `VOCAB_ROWS_PER_SLOT` float32
+    vocabulary rows."""
+    vocab_rows = VOCAB_ROWS_PER_SLOT * 4 * model_config.vocab_size
+    return kv_bytes(model_config, cache_len=cache_len, tensor=tensor) + vocab_rows
 
 
 def choose(requests: int, *, shards: int, slot_bytes: int, fixed_bytes: int, budget_bytes: int | None) -> SlotChoice:
@@ -78,18 +85,11 @@ def decode_weights_bytes(params, model_config, tensor: int) -> int:
     """Per device, the copy of the weights a rollout makes (`sampler_loop.decode_weights`): float weights in the
     compute dtype, quantized ones as they are (int8, 4-bit codes), split over `tensor` (the decode weights are
     replicated over data and fsdp)."""
-    compute = np.dtype(model_config.jnp_dtype).itemsize
-    total = 0.0
-    for leaf in jax.tree.leaves(params):
-        dtype = np.dtype(leaf.dtype)
-        if dtype == np.int8:
-            per = 1.0
-        elif "int4" in dtype.name:
-            per = 0.5
-        else:
-            per = compute
-        total += int(np.prod(leaf.shape)) * per
-    return int(total / tensor)
+    compute_bits = jax.dtypes.itemsize_bits(model_config.jnp_dtype)
+    bits = sum(int(np.prod(leaf.shape)) * (jax.dtypes.itemsize_bits(leaf.dtype)
+                                           if jnp.issubdtype(leaf.dtype, jnp.integer) else compute_bits)
+               for leaf in jax.tree.leaves(params))
+    return bits // 8 // tensor
 
 
 def for_rollout(c, model_config, mesh, free_bytes: int | None, params=None) -> SlotChoice:
@@ -104,10 +104,8 @@ def for_rollout(c, model_config, mesh, free_bytes: int | None, params=None) -> S
     lp = prompt_bucket(c)
     requests = r.prompts_per_step * r.num_samples
     per_slot = slot_bytes(model_config, cache_len=lp + r.max_new_tokens, tensor=tensor)
-    per_token_kv = (slot_bytes(model_config, cache_len=2, tensor=tensor)
-                    - slot_bytes(model_config, cache_len=1, tensor=tensor))
     fixed = (-(-requests // shards) * r.max_new_tokens * 12  # tokens int32, log-probs and draws float32
-             + -(-r.prompts_per_step // shards) * lp * per_token_kv  # the prefix store
+             + -(-r.prompts_per_step // shards) * kv_bytes(model_config, cache_len=lp, tensor=tensor)  # prefix store
              + (0 if params is None else decode_weights_bytes(params, model_config, tensor)))
     budget = None if free_bytes is None else int(r.decode_memory_fraction * free_bytes)
     return choose(requests, shards=shards, slot_bytes=per_slot, fixed_bytes=fixed, budget_bytes=budget)
@@ -119,7 +117,7 @@ def free_bytes_per_device() -> int | None:
     so the slot count, a global shape, agrees. None when no figure is known."""
     local = []
     for d in jax.local_devices():
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+        stats = d.memory_stats()
         if stats and "bytes_limit" in stats:
             local.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
     if not local:

@@ -318,6 +318,25 @@ class Planner:
             elif name == "start" or name.startswith(("decode@", "phase@")):
                 state_bytes, grown_k = out_bytes, 0
 
+    def _rollout_slots(self) -> int | None:
+        """rollout.decode_slots, `auto` resolved by the trainer's rule with the chip's usable HBM less the resident
+        train state free; None (and a failed row) when not one slot fits, where the trainer would stop."""
+        from lad_jax import decode_memory
+        from lad_jax.train_step import full_params
+
+        c = self.c
+        if c.rollout.decode_slots != "auto":
+            return c.rollout.decode_slots
+        free = None if self.limit is None else self.limit - _bytes_per_chip(self.state) - self.ref_bytes
+        try:
+            self.decode_choice = decode_memory.for_rollout(c, self.model_config, self.mesh, free,
+                                                           full_params(self.state))
+        except ValueError as e:
+            self.phases.append(Phase("rollout_decode_slots", 0, 0, 0, 0, 0, self.opt_bytes, 0.0, error=str(e)))
+            return None
+        self.log(self.decode_choice.describe())
+        return self.decode_choice.slots
+
     def run_all(self, groups=GROUPS):
         from lad_jax.experience import prompt_bucket
 
@@ -330,24 +349,8 @@ class Planner:
         from lad_jax.sampling import Sampling
 
         r = c.rollout
-        slots = r.decode_slots
-        if "rollout" in groups:
-            if slots == "auto":  # the trainer's rule, with the chip's usable HBM less the resident train state free
-                from lad_jax import decode_memory
-                from lad_jax.train_step import full_params
-
-                free = None if self.limit is None else self.limit - _bytes_per_chip(self.state) - self.ref_bytes
-                try:
-                    self.decode_choice = decode_memory.for_rollout(c, self.model_config, self.mesh, free,
-                                                                   full_params(self.state))
-                except ValueError as e:  # not one slot fits beside the train state: the trainer would stop here
-                    self.phases.append(Phase("rollout_decode_slots", 0, 0, 0, 0, 0, self.opt_bytes, 0.0,
-                                             error=str(e)))
-                    slots = None
-                else:
-                    slots = self.decode_choice.slots
-                    self.log(self.decode_choice.describe())
-        if "rollout" in groups and slots is not None:
+        slots = self._rollout_slots() if "rollout" in groups else None
+        if slots is not None:
             self.generate("rollout", r.prompts_per_step, r.num_samples, prompt_bucket(c), r.max_new_tokens,
                           Sampling(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p), slots)
         if c.eval.enabled and "eval" in groups:

@@ -115,11 +115,11 @@ def _refill(s: SlotState, prefix, logits_pv, budget_r, stop_ids, params, mode, n
         w_s = jnp.where(assign_s, jnp.arange(assign_s.shape[0]), assign_s.shape[0])
 
         def copy(name, slot_cache):
+            seq = LAYER_CACHE_SEQUENCE_AXIS[name]
             out = []
             for a, pre in zip(slot_cache, prefix[name]):
-                head = (slice(None),) * 3 + (slice(0, pre.shape[3]),) if name == "k" else \
-                    (slice(None),) * 2 + (slice(0, pre.shape[2]),)
-                a = a.at[(w_s,) + head[1:]].set(jnp.take(pre, p_s, axis=0).astype(a.dtype), mode="drop")
+                head = (w_s,) + (slice(None),) * (seq - 1) + (slice(0, pre.shape[seq]),)
+                a = a.at[head].set(jnp.take(pre, p_s, axis=0).astype(a.dtype), mode="drop")
                 out.append(constrain(a, LAYER_CACHE_LOGICAL_AXES[name]))
             return tuple(out)
 
@@ -141,15 +141,16 @@ def _slot_step(model, layer_params, tokens_s1, pos_s1, cache, write_s, mask_s1w)
     # TPU: a one-hot select over the window. A scatter into the cache's sequence axis makes the TPU compiler re-lay
     # the caches out (a second copy of each in the phase's temporaries, twice the bytes accessed per step); on CPU
     # the scatter is in place and the select, which rewrites the whole window, halves same-length throughput.
-    select = current_platform() == "tpu"
+    # one mask for every layer (all layers' caches span the same window)
+    hit_sw = (jnp.arange(cache["v"][0].shape[LAYER_CACHE_SEQUENCE_AXIS["v"]])[None, :] == write_s[:, None]
+              if current_platform() == "tpu" else None)
     layout = (LAYER_CACHE_LAYOUT["k"], LAYER_CACHE_LAYOUT["v"])
     attend = lambda q, k_all, v_all: dense_attention(q, k_all, v_all, mask_s1w, layout)  # noqa: E731
     new_k, new_v = [], []
     for p, k_cache, v_cache in zip(layer_params, cache["k"], cache["v"]):
         def write(k_btkx, v_btkx, k_cache=k_cache, v_cache=v_cache):
             k_new, v_new = k_btkx[:, 0].astype(k_cache.dtype), v_btkx[:, 0].astype(v_cache.dtype)
-            if select:
-                hit_sw = jnp.arange(k_cache.shape[3])[None, :] == write_s[:, None]
+            if hit_sw is not None:
                 k_cache = jnp.where(hit_sw[:, None, None, :], k_new[..., None], k_cache)
                 v_cache = jnp.where(hit_sw[:, None, :, None], v_new[:, :, None, :], v_cache)
             else:
